@@ -1,0 +1,168 @@
+"""On-disk spool (SQLite, WAL): batches waiting to be sent, quarantined batches, counters and delta state.
+
+Every batch gets the node's next ``seq`` in the same transaction that stores it and the last-seen counter values
+its deltas were computed from, so after a crash the spool and the delta state always agree.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS batches (
+    seq INTEGER PRIMARY KEY, created REAL NOT NULL, size INTEGER NOT NULL, dropped INTEGER NOT NULL, body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    seq INTEGER PRIMARY KEY, created REAL NOT NULL, quarantined REAL NOT NULL, status INTEGER, reason TEXT,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS state (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+"""
+
+
+def encode(batch: dict[str, Any]) -> bytes:
+    raw = json.dumps(batch, separators=(",", ":"), allow_nan=False).encode()
+    return gzip.compress(raw, compresslevel=6, mtime=0)
+
+
+def decode(body: bytes) -> dict[str, Any]:
+    return json.loads(gzip.decompress(body))
+
+
+class Spool:
+    def __init__(self, path: Path, max_bytes: int = 256 * 1024 * 1024, *, readonly: bool = False,
+                 synchronous: str = "FULL"):
+        """``synchronous``: FULL for the collector (a spooled batch survives power loss); the sender uses NORMAL,
+        since losing a deletion only means a resend that the portal deduplicates by seq."""
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        if readonly:
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10, isolation_level=None)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute(f"PRAGMA synchronous={'NORMAL' if synchronous == 'NORMAL' else 'FULL'}")
+            self.db.executescript(SCHEMA)
+        self.db.execute("PRAGMA busy_timeout=30000")
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ---------------------------------------------------------------- meta
+    def meta(self, key: str, default: str | None = None) -> str | None:
+        row = self.db.execute("SELECT v FROM meta WHERE k=?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, **values: Any) -> None:
+        with self._tx():
+            self._set_meta(**values)
+
+    def _set_meta(self, **values: Any) -> None:
+        rows = [(k, str(v)) for k, v in values.items()]
+        self.db.executemany("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", rows)
+
+    def _tx(self):
+        db = self.db
+
+        class _Tx:
+            def __enter__(self):
+                db.execute("BEGIN IMMEDIATE")
+
+            def __exit__(self, exc_type, exc, tb):
+                db.execute("ROLLBACK" if exc_type else "COMMIT")
+                return False
+
+        return _Tx()
+
+    # ---------------------------------------------------------------- state
+    def load_state(self) -> dict[str, Any]:
+        return {k: json.loads(v) for k, v in self.db.execute("SELECT k, v FROM state")}
+
+    def next_seq(self) -> int:
+        return int(self.meta("next_seq", "1") or 1)
+
+    # ---------------------------------------------------------------- batches
+    def append(self, batch: dict[str, Any], state_updates: dict[str, Any] | None = None) -> int:
+        """Assign seq, store the batch and the state its deltas came from, enforce the size bound: one transaction."""
+        with self._tx():
+            seq = int(self.meta("next_seq", "1") or 1)
+            unreported = int(self.meta("dropped_unreported", "0") or 0)
+            batch = dict(batch, seq=seq, dropped_batches=unreported)
+            body = encode(batch)
+            self.db.execute("INSERT INTO batches (seq, created, size, dropped, body) VALUES (?, ?, ?, ?, ?)",
+                            (seq, time.time(), len(body), unreported, body))
+            self._set_meta(next_seq=seq + 1, dropped_unreported=0)
+            if state_updates:
+                self.db.executemany("INSERT OR REPLACE INTO state (k, v) VALUES (?, ?)",
+                                    [(k, json.dumps(v, separators=(",", ":"))) for k, v in state_updates.items()])
+            self._enforce_bound(seq)
+        return seq
+
+    def _enforce_bound(self, newest: int) -> None:
+        total = self.db.execute("SELECT COALESCE(SUM(size), 0) FROM batches").fetchone()[0]
+        if total <= self.max_bytes:
+            return
+        dropped = 0
+        carried = 0
+        for seq, size, was_reporting in self.db.execute(
+            "SELECT seq, size, dropped FROM batches WHERE seq < ? ORDER BY seq", (newest,)
+        ).fetchall():
+            if total <= self.max_bytes:
+                break
+            self.db.execute("DELETE FROM batches WHERE seq=?", (seq,))
+            total -= size
+            dropped += 1
+            carried += was_reporting  # drops that batch was going to report are reported by the next one instead
+        if dropped:
+            unreported = int(self.meta("dropped_unreported", "0") or 0) + dropped + carried
+            self._set_meta(dropped_unreported=unreported,
+                           dropped_total=int(self.meta("dropped_total", "0") or 0) + dropped,
+                           last_drop=time.time())
+
+    def oldest(self) -> tuple[int, bytes] | None:
+        row = self.db.execute("SELECT seq, body FROM batches ORDER BY seq LIMIT 1").fetchone()
+        return (int(row[0]), bytes(row[1])) if row else None
+
+    def delete(self, seq: int, **meta: Any) -> None:
+        with self._tx():
+            self.db.execute("DELETE FROM batches WHERE seq=?", (seq,))
+            if meta:
+                self._set_meta(**meta)
+
+    def quarantine(self, seq: int, status: int | None, reason: str) -> None:
+        with self._tx():
+            row = self.db.execute("SELECT created, body FROM batches WHERE seq=?", (seq,)).fetchone()
+            if row is None:
+                return
+            self.db.execute(
+                "INSERT OR REPLACE INTO quarantine (seq, created, quarantined, status, reason, body) "
+                "VALUES (?, ?, ?, ?, ?, ?)", (seq, row[0], time.time(), status, reason[:2000], row[1]))
+            self.db.execute("DELETE FROM batches WHERE seq=?", (seq,))
+
+    def stats(self) -> dict[str, Any]:
+        depth, size, oldest = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created) FROM batches").fetchone()
+        quarantined = self.db.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0]
+        meta = dict(self.db.execute("SELECT k, v FROM meta").fetchall())
+        now = time.time()
+        last_send = float(meta["last_send"]) if meta.get("last_send") else None
+        return {
+            "spool_depth": int(depth),
+            "spool_bytes": int(size),
+            "spool_oldest_age_s": round(now - oldest, 1) if oldest is not None else None,
+            "quarantined": int(quarantined),
+            "dropped_total": int(meta.get("dropped_total", 0)),
+            "dropped_unreported": int(meta.get("dropped_unreported", 0)),
+            "next_seq": int(meta.get("next_seq", 1)),
+            "last_send": last_send,
+            "last_send_age_s": round(now - last_send, 1) if last_send else None,
+            "last_error": meta.get("last_error") or None,
+            "last_error_at": float(meta["last_error_at"]) if meta.get("last_error_at") else None,
+        }

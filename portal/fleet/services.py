@@ -1,0 +1,169 @@
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.db import transaction
+from django.db.models import F, Max
+from django.utils import timezone
+
+from portal.accounts.models import User
+from portal.alerts.models import Severity
+from portal.alerts.services import alert_raise, alert_resolve_key
+from portal.fleet.models import (
+    EnrollmentToken,
+    HealthEvent,
+    HealthEventKind,
+    Node,
+    NodeCredential,
+    NodeStatus,
+    NodeStatusChange,
+    ScrapeTarget,
+    Site,
+)
+from portal.keys import issue_key, key_matches, key_prefix
+
+ENROLL_KIND = "tme"
+CREDENTIAL_KIND = "tmn"
+OFFLINE_AFTER_INTERVALS = 3
+
+
+class EnrollmentError(Exception):
+    """The enrollment token is unknown, used or expired (the message is safe to show the agent)."""
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    node: Node
+    credential: str
+
+
+def enrollment_token_create(
+    *, site: Site, created_by: User | None, ttl: timedelta = timedelta(hours=24), note: str = ""
+) -> tuple[EnrollmentToken, str]:
+    """Create a one-time token; the plaintext is returned once and never stored."""
+    key = issue_key(kind=ENROLL_KIND)
+    token = EnrollmentToken.objects.create(
+        site=site, prefix=key.prefix, digest=key.digest, created_by=created_by,
+        expires_at=timezone.now() + ttl, note=note,
+    )
+    return token, key.value
+
+
+def node_enroll(*, token_value: str, host: dict, now: datetime | None = None) -> Enrolled:
+    """Trade a one-time enrollment token for a node credential. Re-enrolling a hostname keeps the node's history
+    and revokes its previous credentials."""
+    now = now or timezone.now()
+    prefix = key_prefix(token_value, kind=ENROLL_KIND)
+    if prefix is None:
+        raise EnrollmentError("enrollment token is malformed")
+    with transaction.atomic():
+        token = EnrollmentToken.objects.select_for_update().filter(prefix=prefix).select_related("site").first()
+        if token is None or not key_matches(token_value, token.digest):
+            raise EnrollmentError("enrollment token is not valid")
+        if token.used_at is not None:
+            raise EnrollmentError("enrollment token was already used")
+        if token.expires_at <= now:
+            raise EnrollmentError("enrollment token has expired")
+        node, created = Node.objects.get_or_create(site=token.site, hostname=host["hostname"])
+        _apply_host_facts(node, host)
+        if not created:
+            NodeCredential.objects.filter(node=node, revoked_at__isnull=True).update(revoked_at=now)
+            if node.status == NodeStatus.DECOMMISSIONED:
+                node.status = NodeStatus.PENDING
+        node.save()
+        key = issue_key(kind=CREDENTIAL_KIND)
+        NodeCredential.objects.create(node=node, prefix=key.prefix, digest=key.digest)
+        token.used_at = now
+        token.node = node
+        token.save(update_fields=["used_at", "node"])
+    return Enrolled(node=node, credential=key.value)
+
+
+def _apply_host_facts(node: Node, host: dict) -> list[str]:
+    """Copy reported host facts onto the node; returns the names of fields that changed."""
+    changed = []
+    for field in ("os", "kernel", "driver_version", "cuda_driver_version", "nvml_version", "agent_version"):
+        value = host.get(field) or ""
+        if getattr(node, field) != value:
+            setattr(node, field, value)
+            changed.append(field)
+    simulated = bool(host.get("simulated"))
+    if node.simulated != simulated:
+        node.simulated = simulated
+        changed.append("simulated")
+    return changed
+
+
+def credential_authenticate(*, value: str) -> NodeCredential | None:
+    """The live credential matching a presented bearer value, with its node and site; None otherwise."""
+    prefix = key_prefix(value, kind=CREDENTIAL_KIND)
+    if prefix is None:
+        return None
+    credential = NodeCredential.objects.select_related("node").filter(prefix=prefix, revoked_at__isnull=True).first()
+    if credential is None or not key_matches(value, credential.digest):
+        return None
+    return credential
+
+
+def credential_revoke(*, node: Node) -> int:
+    return NodeCredential.objects.filter(node=node, revoked_at__isnull=True).update(revoked_at=timezone.now())
+
+
+def node_credential_issue(*, node: Node) -> str:
+    """Issue a fresh credential for an existing node (demo seeding, provisioning); revokes none."""
+    key = issue_key(kind=CREDENTIAL_KIND)
+    NodeCredential.objects.create(node=node, prefix=key.prefix, digest=key.digest)
+    return key.value
+
+
+def node_set_scrape_targets(*, node: Node, targets: list[dict]) -> None:
+    """Replace the node's scrape targets and bump its config version, so its agent picks them up."""
+    with transaction.atomic():
+        ScrapeTarget.objects.filter(node=node).delete()
+        ScrapeTarget.objects.bulk_create(
+            ScrapeTarget(node=node, url=t["url"], engine=t["engine"], model=t.get("model") or "") for t in targets
+        )
+        Node.objects.filter(pk=node.pk).update(config_version=F("config_version") + 1)
+    node.refresh_from_db(fields=["config_version"])
+
+
+def node_mark_status(*, node: Node, status: str, at: datetime, reason: str) -> None:
+    """Record a status change with its event and alert (offline opens one, online resolves it)."""
+    Node.objects.filter(pk=node.pk).update(status=status)
+    node.status = status
+    NodeStatusChange.objects.create(node=node, status=status, at=at, reason=reason)
+    key = f"node_offline:{node.pk}"
+    if status == NodeStatus.OFFLINE:
+        HealthEvent.objects.create(node=node, kind=HealthEventKind.NODE_OFFLINE, at=at, detail=reason)
+        alert_raise(
+            key=key, kind=HealthEventKind.NODE_OFFLINE, severity=Severity.CRITICAL, at=at,
+            title=f"{node.hostname} is offline", detail=reason, node_id=node.pk,
+        )
+    elif status == NodeStatus.ONLINE and alert_resolve_key(key=key):
+        HealthEvent.objects.create(node=node, kind=HealthEventKind.NODE_ONLINE, at=at, detail=reason)
+
+
+def nodes_detect_offline(*, now: datetime | None = None) -> list[int]:
+    """Mark offline every online node that missed three of its intervals. Idempotent; returns the node ids."""
+    from portal.telemetry.models import IngestedBatch
+
+    now = now or timezone.now()
+    online = list(Node.objects.filter(status=NodeStatus.ONLINE).only("id", "hostname", "interval_s", "status"))
+    if not online:
+        return []
+    longest = max(node.interval_s for node in online) * OFFLINE_AFTER_INTERVALS
+    last_batch = dict(
+        IngestedBatch.objects.filter(received_at__gte=now - timedelta(seconds=longest))
+        .values_list("node_id")
+        .annotate(last=Max("received_at"))
+    )
+    went_offline = []
+    for node in online:
+        window = OFFLINE_AFTER_INTERVALS * node.interval_s
+        last = last_batch.get(node.pk)
+        if last is None or last < now - timedelta(seconds=window):
+            node_mark_status(
+                node=node, status=NodeStatus.OFFLINE, at=now,
+                reason=f"no batch for {OFFLINE_AFTER_INTERVALS} intervals ({window}s)",
+            )
+            went_offline.append(node.pk)
+    return went_offline

@@ -1,0 +1,142 @@
+"""Agent endpoints: enroll and ingest. Thin: parse, authenticate, call a service, answer."""
+
+import gzip
+import zlib
+
+from django.conf import settings
+from django.core.cache import cache
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, JsonResponse
+from django.utils import timezone
+from ninja import Router, Status
+from ninja.security import HttpBearer
+from pydantic import ValidationError
+
+from portal.fleet.models import Node, ScrapeTarget
+from portal.fleet.services import EnrollmentError, credential_authenticate, node_enroll
+from portal.telemetry.schemas import (
+    AgentConfigOut,
+    BatchIn,
+    EnrollIn,
+    EnrollOut,
+    ErrorOut,
+    IngestOut,
+)
+from portal.telemetry.services import IngestRejected, SeqConflict, batch_ingest
+
+router = Router(tags=["agent"])
+
+
+class NodeBearer(HttpBearer):
+    def authenticate(self, request: HttpRequest, token: str):
+        return credential_authenticate(value=token)
+
+
+def agent_config(node: Node) -> dict:
+    targets = ScrapeTarget.objects.filter(node_id=node.pk).order_by("url").values("url", "engine", "model")
+    return AgentConfigOut(
+        config_version=node.config_version,
+        interval_s=node.interval_s,
+        sample_s=node.sample_s,
+        targets=[{**t, "model": t["model"] or None} for t in targets],
+    ).model_dump()
+
+
+class BodyError(Exception):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def _read_body(request: HttpRequest) -> bytes:
+    """The request body, gunzipped when sent with Content-Encoding: gzip, within the configured size limits."""
+    limit = settings.INGEST_MAX_BODY_BYTES
+    try:
+        declared = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise BodyError(400, "Content-Length is not a number") from None
+    if declared > limit:
+        raise BodyError(413, f"body exceeds {limit} bytes")
+    try:
+        body = request.body
+    except RequestDataTooBig:
+        raise BodyError(413, f"body exceeds {limit} bytes") from None
+    if len(body) > limit:
+        raise BodyError(413, f"body exceeds {limit} bytes")
+    if request.headers.get("Content-Encoding", "").lower() == "gzip":
+        # Bounded decompression: a small gzip bomb must not become a large allocation.
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            body = inflater.decompress(body, 8 * limit)
+        except (zlib.error, gzip.BadGzipFile):
+            raise BodyError(400, "body is not valid gzip") from None
+        if inflater.unconsumed_tail:
+            raise BodyError(413, f"decompressed body exceeds {8 * limit} bytes")
+    return body
+
+
+def _validation_detail(exc: ValidationError) -> list[dict]:
+    return [
+        {"loc": ["body", *err["loc"]], "msg": err["msg"], "type": err["type"]}
+        for err in exc.errors(include_url=False, include_input=False)
+    ]
+
+
+def _request_body_schema(schema: type) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema.model_json_schema()}}}}
+
+
+@router.post(
+    "/agent/enroll",
+    response={200: EnrollOut, 400: ErrorOut, 403: ErrorOut, 413: ErrorOut, 422: ErrorOut},
+    summary="Trade a one-time enrollment token for a node credential",
+    openapi_extra=_request_body_schema(EnrollIn),
+)
+def enroll(request: HttpRequest):
+    try:
+        payload = EnrollIn.model_validate_json(_read_body(request))
+    except BodyError as exc:
+        return Status(exc.status, {"detail": exc.detail})
+    except ValidationError as exc:
+        return Status(422, {"detail": _validation_detail(exc)})
+    try:
+        enrolled = node_enroll(token_value=payload.token, host=payload.host.model_dump())
+    except EnrollmentError as exc:
+        return Status(403, {"detail": str(exc)})
+    return Status(200, {
+        "node_id": enrolled.node.pk, "credential": enrolled.credential, "config": agent_config(enrolled.node),
+    })
+
+
+@router.post(
+    "/agent/ingest",
+    auth=NodeBearer(),
+    response={
+        200: IngestOut, 400: ErrorOut, 401: ErrorOut, 409: ErrorOut, 413: ErrorOut, 422: ErrorOut, 429: ErrorOut,
+    },
+    summary="Store one batch of node telemetry (idempotent per node and seq)",
+    openapi_extra=_request_body_schema(BatchIn),
+)
+def ingest(request: HttpRequest):
+    credential = request.auth
+    window = int(timezone.now().timestamp() // 60)
+    rate_key = f"ingest-rate:{credential.node_id}:{window}"
+    cache.add(rate_key, 0, timeout=120)
+    if cache.incr(rate_key) > settings.INGEST_MAX_BATCHES_PER_MINUTE:
+        return JsonResponse(
+            {"detail": f"more than {settings.INGEST_MAX_BATCHES_PER_MINUTE} batches a minute; retry later"},
+            status=429, headers={"Retry-After": str(60 - int(timezone.now().timestamp()) % 60)},
+        )
+    try:
+        batch = BatchIn.model_validate_json(_read_body(request))
+        result = batch_ingest(credential=credential, batch=batch)
+    except BodyError as exc:
+        return Status(exc.status, {"detail": exc.detail})
+    except ValidationError as exc:
+        return Status(422, {"detail": _validation_detail(exc)})
+    except IngestRejected as exc:
+        return Status(422, {"detail": [{"loc": ["body", *exc.loc], "msg": exc.msg, "type": "value_error"}]})
+    except SeqConflict as exc:
+        return Status(409, {"detail": str(exc)})
+    return Status(200, {"seq": result.seq, "status": result.status, "config": agent_config(credential.node)})

@@ -1,0 +1,219 @@
+"""Minute and hour rollups, and retention. Idempotent: each rollup recomputes whole periods from the tier below,
+so re-running one changes nothing. Which periods to recompute is decided by the batches received since the
+rollup's watermark, so late batches from an agent's spool are folded in too."""
+
+from collections import defaultdict
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Count, F, Max, Q, Sum
+from django.db.models.functions import TruncHour, TruncMinute
+from django.utils import timezone
+
+from portal.fleet.models import Gpu, NodeStatus
+from portal.telemetry import histograms
+from portal.telemetry.models import (
+    GpuHour,
+    GpuMinute,
+    GpuSample,
+    IngestedBatch,
+    RollupWatermark,
+    SiteHour,
+    UsageHour,
+    UsageMinute,
+    UsageSample,
+)
+from portal.telemetry.schemas import HISTOGRAMS
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Batches commit within a short transaction; rolling only what arrived this long ago never misses one in flight.
+SETTLE = timedelta(seconds=5)
+# Nodes whose affected periods all lie this close to now are rolled together in one query.
+RECENT = timedelta(minutes=15)
+MINUTE_FIELDS = ["seconds", "util_mean", "util_max", "mem_util_mean", "memory_used_mib_max", "power_mean_w",
+                 "energy_mj", "temp_max_c"]
+USAGE_FIELDS = ["prompt_tokens", "generation_tokens", "requests_ok", "requests_failed", "probes", "probes_up",
+                *HISTOGRAMS]
+
+
+def _watermark(name: str) -> datetime:
+    row = RollupWatermark.objects.filter(name=name).first()
+    return row.received_until if row else EPOCH
+
+
+def _set_watermark(name: str, until: datetime) -> None:
+    RollupWatermark.objects.update_or_create(name=name, defaults={"received_until": until})
+
+
+def minute_rollup_covers_until() -> datetime:
+    """Batches received up to this time are in the minute tier."""
+    return _watermark("minute")
+
+
+def _floor(ts: datetime, period: timedelta) -> datetime:
+    seconds = int(period.total_seconds())
+    return datetime.fromtimestamp(int(ts.timestamp()) // seconds * seconds, tz=UTC)
+
+
+def _affected(since: datetime, until: datetime, period: timedelta) -> list[tuple[list[int], datetime, datetime]]:
+    """(node ids, start, end) ranges of periods touched by batches received in (since, until]."""
+    spans: dict[int, list[datetime]] = {}
+    rows = IngestedBatch.objects.filter(received_at__gt=since, received_at__lte=until).values_list(
+        "node_id", "interval_start", "interval_end")
+    for node_id, start, end in rows:
+        lo, hi = _floor(start, period), _floor(end - timedelta(microseconds=1), period) + period
+        span = spans.setdefault(node_id, [lo, hi])
+        span[0], span[1] = min(span[0], lo), max(span[1], hi)
+    recent = [n for n, (lo, _hi) in spans.items() if lo >= until - RECENT]
+    groups = []
+    if recent:
+        groups.append((recent, min(spans[n][0] for n in recent), max(spans[n][1] for n in recent)))
+    groups += [([n], lo, hi) for n, (lo, hi) in spans.items() if lo < until - RECENT]
+    return groups
+
+
+def _weighted(field: str) -> Sum:
+    return Sum(F(field) * F("seconds"))
+
+
+def _gpu_aggregate(source, trunc, node_ids: list[int], lo: datetime, hi: datetime, memory_field: str) -> list[dict]:
+    return list(
+        source.objects.filter(gpu__node_id__in=node_ids, ts__gte=lo, ts__lt=hi)
+        .annotate(period=trunc("ts", tzinfo=UTC))
+        .values("gpu_id", "period")
+        .annotate(
+            secs=Sum("seconds"),
+            util_w=_weighted("util_mean"), util_s=Sum("seconds", filter=Q(util_mean__isnull=False)),
+            mem_w=_weighted("mem_util_mean"), mem_s=Sum("seconds", filter=Q(mem_util_mean__isnull=False)),
+            pow_w=_weighted("power_mean_w"), pow_s=Sum("seconds", filter=Q(power_mean_w__isnull=False)),
+            umax=Max("util_max"), memmax=Max(memory_field), energy=Sum("energy_mj"), tmax=Max("temp_max_c"),
+        )
+    )
+
+
+def _rollup_rows(model, aggregates: Iterable[dict]) -> list:
+    def ratio(w, s):
+        return w / s if w is not None and s else None
+
+    return [
+        model(
+            gpu_id=a["gpu_id"], ts=a["period"], seconds=a["secs"], util_mean=ratio(a["util_w"], a["util_s"]),
+            util_max=a["umax"], mem_util_mean=ratio(a["mem_w"], a["mem_s"]), memory_used_mib_max=a["memmax"],
+            power_mean_w=ratio(a["pow_w"], a["pow_s"]), energy_mj=a["energy"], temp_max_c=a["tmax"],
+        )
+        for a in aggregates
+    ]
+
+
+def _usage_rows(model, source, trunc_period: timedelta, node_ids: list[int], lo: datetime, hi: datetime) -> list:
+    merged: dict[tuple[int, datetime], dict] = defaultdict(lambda: dict.fromkeys(USAGE_FIELDS, None))
+    rows = source.objects.filter(endpoint__node_id__in=node_ids, ts__gte=lo, ts__lt=hi).values(
+        "endpoint_id", "ts", *USAGE_FIELDS)
+    for row in rows:
+        acc = merged[(row["endpoint_id"], _floor(row["ts"], trunc_period))]
+        for name in USAGE_FIELDS:
+            if name in HISTOGRAMS:
+                acc[name] = histograms.merge(acc[name], row[name])
+            else:
+                acc[name] = (acc[name] or 0) + row[name]
+    return [model(endpoint_id=endpoint_id, ts=ts, **values) for (endpoint_id, ts), values in merged.items()]
+
+
+def rollup_minutes(*, now: datetime | None = None) -> int:
+    """Recompute the minute tier for every period touched since the last run; returns minute rows written."""
+    until = (now or timezone.now()) - SETTLE
+    since = _watermark("minute")
+    written = 0
+    with transaction.atomic():
+        for node_ids, lo, hi in _affected(since, until, timedelta(minutes=1)):
+            gpu_rows = _rollup_rows(
+                GpuMinute, _gpu_aggregate(GpuSample, TruncMinute, node_ids, lo, hi, "memory_used_mib"))
+            usage_rows = _usage_rows(UsageMinute, UsageSample, timedelta(minutes=1), node_ids, lo, hi)
+            written += _upsert(GpuMinute, gpu_rows, ["gpu", "ts"], MINUTE_FIELDS)
+            written += _upsert(UsageMinute, usage_rows, ["endpoint", "ts"], USAGE_FIELDS)
+        _set_watermark("minute", until)
+    return written
+
+
+def rollup_hours(*, now: datetime | None = None) -> int:
+    """Recompute the hour tier from the minute tier, for periods the minute rollup has already covered, then the
+    site tier for the same hours."""
+    until = min((now or timezone.now()) - SETTLE, _watermark("minute"))
+    since = _watermark("hour")
+    if until <= since:
+        return 0
+    written = 0
+    hours: set[datetime] = set()
+    with transaction.atomic():
+        for node_ids, lo, hi in _affected(since, until, timedelta(hours=1)):
+            gpu_rows = _rollup_rows(
+                GpuHour, _gpu_aggregate(GpuMinute, TruncHour, node_ids, lo, hi, "memory_used_mib_max"))
+            usage_rows = _usage_rows(UsageHour, UsageMinute, timedelta(hours=1), node_ids, lo, hi)
+            written += _upsert(GpuHour, gpu_rows, ["gpu", "ts"], MINUTE_FIELDS)
+            written += _upsert(UsageHour, usage_rows, ["endpoint", "ts"], USAGE_FIELDS)
+            hours.update(row.ts for row in gpu_rows)
+            hours.update(row.ts for row in usage_rows)
+        written += rollup_site_hours(hours=sorted(hours))
+        _set_watermark("hour", until)
+    return written
+
+
+def rollup_site_hours(*, hours: list[datetime]) -> int:
+    """Recompute SiteHour for these hours from GpuHour and UsageHour (all sites: a handful of rows per hour)."""
+    if not hours:
+        return 0
+    installed = dict(
+        Gpu.objects.exclude(node__status=NodeStatus.DECOMMISSIONED).values_list("node__site_id").annotate(
+            n=Count("id"))
+    )
+    rows: dict[tuple[int, datetime], SiteHour] = {}
+
+    def row(site_id: int, ts: datetime) -> SiteHour:
+        key = (site_id, ts)
+        if key not in rows:
+            rows[key] = SiteHour(site_id=site_id, ts=ts, gpus_installed=installed.get(site_id, 0), gpu_seconds=0,
+                                 util_seconds=0, energy_mj=0, prompt_tokens=0, generation_tokens=0, requests=0)
+        return rows[key]
+
+    gpu = (GpuHour.objects.filter(ts__in=hours).values("gpu__node__site_id", "ts")
+           .annotate(secs=Sum("seconds"), util=_weighted("util_mean"), energy=Sum("energy_mj")))
+    for a in gpu:
+        r = row(a["gpu__node__site_id"], a["ts"])
+        r.gpu_seconds, r.util_seconds, r.energy_mj = a["secs"] or 0, a["util"] or 0, a["energy"] or 0
+    usage = (UsageHour.objects.filter(ts__in=hours).values("endpoint__node__site_id", "ts")
+             .annotate(p=Sum("prompt_tokens"), g=Sum("generation_tokens"),
+                       r=Sum(F("requests_ok") + F("requests_failed"))))
+    for a in usage:
+        r = row(a["endpoint__node__site_id"], a["ts"])
+        r.prompt_tokens, r.generation_tokens, r.requests = a["p"] or 0, a["g"] or 0, a["r"] or 0
+    fields = ["gpus_installed", "gpu_seconds", "util_seconds", "energy_mj", "prompt_tokens", "generation_tokens",
+              "requests"]
+    return _upsert(SiteHour, list(rows.values()), ["site", "ts"], fields)
+
+
+def _upsert(model, rows: list, unique: list[str], fields: list[str], chunk: int = 2000) -> int:
+    for i in range(0, len(rows), chunk):
+        model.objects.bulk_create(rows[i:i + chunk], update_conflicts=True, unique_fields=unique, update_fields=fields)
+    return len(rows)
+
+
+def apply_retention(*, now: datetime | None = None) -> dict[str, int]:
+    """Delete raw rows past their window once rolled up, minute GPU rows past theirs, old dedup records.
+    Usage minutes and hours are never deleted."""
+    now = now or timezone.now()
+    rollup_minutes(now=now)
+    rollup_hours(now=now)
+    minute_wm = _watermark("minute")
+    raw_cutoff = now - timedelta(hours=settings.TELEMETRY_RAW_RETENTION_HOURS)
+    # A batch may be up to 30 days old on arrival (ingest's limit): minute rows older than that plus a day can
+    # receive nothing new, and the hour tier already holds them.
+    minute_cutoff = now - timedelta(days=max(settings.TELEMETRY_MINUTE_RETENTION_DAYS, 30) + 1)
+    deleted = {
+        "gpu_samples": GpuSample.objects.filter(ts__lt=raw_cutoff, received_at__lte=minute_wm).delete()[0],
+        "usage_samples": UsageSample.objects.filter(ts__lt=raw_cutoff, received_at__lte=minute_wm).delete()[0],
+        "gpu_minutes": GpuMinute.objects.filter(ts__lt=minute_cutoff).delete()[0],
+        "batches": IngestedBatch.objects.filter(received_at__lt=now - timedelta(days=31)).delete()[0],
+    }
+    return deleted

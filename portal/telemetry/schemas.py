@@ -1,0 +1,234 @@
+"""The agent <-> portal batch contract, version 1. Defined once, here; published as OpenAPI (docs/openapi.json).
+
+The agent (agents/, which must not import Django) produces plain JSON that validates against BatchIn; its tests
+check that against this module. Counters arrive as exact integer deltas over [interval_start, interval_end);
+gauges as the interval's summary. Timestamps are UTC epoch seconds.
+"""
+
+import math
+import re
+from typing import Annotated, Literal
+
+from ninja import Schema
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+ENGINES = ("vllm", "tgi", "triton", "sglang")
+EVENT_KINDS = (
+    "xid",
+    "ecc_uncorrected",
+    "ecc_corrected",
+    "remapped_rows",
+    "thermal_throttle",
+    "power_throttle",
+    "gpu_lost",
+)
+HISTOGRAMS = ("ttft", "itl", "e2e")
+
+# Largest delta a single interval may carry: guards against a counter wrapped through a bad reset reaching billing.
+MAX_TOKENS_PER_INTERVAL = 10**12
+MAX_ENERGY_MJ_PER_INTERVAL = 5_000 * 1_000 * 3_600  # 5 kW for an hour, in millijoules
+
+NonNegInt = Annotated[int, Field(ge=0, le=MAX_TOKENS_PER_INTERVAL)]
+Percent = Annotated[float, Field(ge=0, le=100)]
+ShortStr = Annotated[str, Field(max_length=128)]
+
+_GPU_UUID = re.compile(r"^GPU-[0-9A-Za-z-]{8,64}$")
+_MIG_PROFILE = re.compile(r"^\d+g\.\d+gb(\+[a-z]+)?$")
+
+
+class _Strict(Schema):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class MigInstanceIn(_Strict):
+    uuid: Annotated[str, Field(max_length=80)] | None = None
+    gi_id: Annotated[int, Field(ge=0, le=64)]
+    profile: Annotated[str, Field(max_length=32, examples=["1g.10gb", "3g.40gb"])]
+    memory_total_mib: Annotated[int, Field(ge=0, le=1_048_576)] | None = None
+    memory_used_mib: Annotated[int, Field(ge=0, le=1_048_576)] | None = None
+
+    @field_validator("profile")
+    @classmethod
+    def _profile(cls, value: str) -> str:
+        if not _MIG_PROFILE.match(value):
+            raise ValueError("MIG profile must look like '1g.10gb' or '4g.40gb'")
+        return value
+
+
+class GpuIn(_Strict):
+    uuid: Annotated[str, Field(max_length=72, examples=["GPU-6a5d4f0e-1234-5678-9abc-def012345678"])]
+    index: Annotated[int, Field(ge=0, le=63)]
+    name: ShortStr
+    pci_bus_id: Annotated[str, Field(max_length=32)] | None = None
+    samples: Annotated[int, Field(ge=0, le=3_600)] = Field(description="1 s samples summarised in this interval")
+    util_mean: Percent | None = None
+    util_max: Percent | None = None
+    mem_util_mean: Percent | None = None
+    memory_used_mib: Annotated[int, Field(ge=0, le=1_048_576)] | None = None
+    memory_total_mib: Annotated[int, Field(ge=0, le=1_048_576)] | None = None
+    power_mean_w: Annotated[float, Field(ge=0, le=5_000)] | None = None
+    power_limit_w: Annotated[float, Field(ge=0, le=5_000)] | None = None
+    energy_mj: Annotated[int, Field(ge=0, le=MAX_ENERGY_MJ_PER_INTERVAL)] | None = Field(
+        default=None, description="Energy used in the interval (delta of NVML's cumulative counter), millijoules"
+    )
+    temp_max_c: Annotated[float, Field(ge=-40, le=150)] | None = None
+    sm_clock_mhz: Annotated[int, Field(ge=0, le=10_000)] | None = None
+    mem_clock_mhz: Annotated[int, Field(ge=0, le=20_000)] | None = None
+    throttle_reasons: Annotated[list[Annotated[str, Field(max_length=48)]], Field(max_length=16)] = []
+    ecc_corrected_total: Annotated[int, Field(ge=0)] | None = None
+    ecc_uncorrected_total: Annotated[int, Field(ge=0)] | None = None
+    retired_pages: Annotated[int, Field(ge=0, le=100_000)] | None = None
+    remapped_rows_pending: bool | None = None
+    remapped_rows_failure: bool | None = None
+    mig_mode: bool | None = None
+    mig_instances: Annotated[list[MigInstanceIn], Field(max_length=7)] = []
+    cc_mode: Annotated[str, Field(max_length=32)] | None = None
+
+    @field_validator("uuid")
+    @classmethod
+    def _uuid(cls, value: str) -> str:
+        if not _GPU_UUID.match(value):
+            raise ValueError("GPU UUID must be NVML's form 'GPU-xxxxxxxx-...'")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "GpuIn":
+        if self.util_mean is not None and self.util_max is not None and self.util_max < self.util_mean:
+            raise ValueError("util_max is below util_mean")
+        if (
+            self.memory_used_mib is not None
+            and self.memory_total_mib is not None
+            and self.memory_used_mib > self.memory_total_mib
+        ):
+            raise ValueError("memory_used_mib exceeds memory_total_mib")
+        gi_ids = [m.gi_id for m in self.mig_instances]
+        if len(gi_ids) != len(set(gi_ids)):
+            raise ValueError("duplicate MIG gi_id")
+        return self
+
+
+class HistogramIn(_Strict):
+    """Delta of a Prometheus histogram over the interval: finite upper bounds, cumulative counts (+Inf last)."""
+
+    le: Annotated[list[float], Field(min_length=1, max_length=64)]
+    counts: Annotated[list[NonNegInt], Field(min_length=2, max_length=65)]
+    sum: Annotated[float, Field(ge=0)]
+
+    @model_validator(mode="after")
+    def _shape(self) -> "HistogramIn":
+        if len(self.counts) != len(self.le) + 1:
+            raise ValueError("counts must have one entry per bound plus the +Inf bucket")
+        if any(b <= a for a, b in zip(self.le, self.le[1:], strict=False)):
+            raise ValueError("le bounds must be strictly increasing")
+        if any(b < a for a, b in zip(self.counts, self.counts[1:], strict=False)):
+            raise ValueError("cumulative bucket counts must not decrease")
+        return self
+
+
+class EngineIn(_Strict):
+    endpoint: Annotated[str, Field(max_length=500, examples=["http://127.0.0.1:8000/metrics"])]
+    engine: Literal["vllm", "tgi", "triton", "sglang"]
+    model: Annotated[str, Field(min_length=1, max_length=200)]
+    up: bool
+    probe_latency_ms: Annotated[float, Field(ge=0, le=600_000)] | None = None
+    version: Annotated[str, Field(max_length=64)] | None = None
+    prompt_tokens: NonNegInt = 0
+    generation_tokens: NonNegInt = 0
+    requests_ok: NonNegInt = 0
+    requests_failed: NonNegInt = 0
+    running: Annotated[float, Field(ge=0, le=1e6)] | None = None
+    waiting: Annotated[float, Field(ge=0, le=1e6)] | None = None
+    kv_cache_usage: Annotated[float, Field(ge=0, le=1)] | None = None
+    ttft: HistogramIn | None = None
+    itl: HistogramIn | None = None
+    e2e: HistogramIn | None = None
+    settings: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=128)]], Field(
+        max_length=32, description="Engine settings the engine exposes (e.g. vLLM cache_config_info labels)"
+    )] = {}
+
+
+class HostIn(_Strict):
+    hostname: Annotated[str, Field(min_length=1, max_length=253)]
+    os: ShortStr | None = None
+    kernel: ShortStr | None = None
+    driver_version: Annotated[str, Field(max_length=32)] | None = None
+    cuda_driver_version: Annotated[str, Field(max_length=32)] | None = None
+    nvml_version: Annotated[str, Field(max_length=32)] | None = None
+    agent_version: Annotated[str, Field(max_length=32)] | None = None
+    simulated: bool = False
+
+
+class HealthEventIn(_Strict):
+    ts: float
+    gpu_uuid: Annotated[str, Field(max_length=72)] | None = None
+    kind: Literal[
+        "xid", "ecc_uncorrected", "ecc_corrected", "remapped_rows", "thermal_throttle", "power_throttle", "gpu_lost"
+    ]
+    code: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    detail: Annotated[str, Field(max_length=500)] = ""
+
+
+class BatchIn(_Strict):
+    schema_version: Literal[1]
+    seq: Annotated[int, Field(ge=1, le=2**62)]
+    interval_start: float
+    interval_end: float
+    host: HostIn
+    gpus: Annotated[list[GpuIn], Field(max_length=64)] = []
+    engines: Annotated[list[EngineIn], Field(max_length=64)] = []
+    events: Annotated[list[HealthEventIn], Field(max_length=1_000)] = []
+    dropped_batches: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="Batches the agent's spool dropped (full) since it last reported"
+    )
+
+    @model_validator(mode="after")
+    def _intervals(self) -> "BatchIn":
+        if not self.interval_end > self.interval_start:
+            raise ValueError("interval_end must be after interval_start")
+        if self.interval_end - self.interval_start > 3_600:
+            raise ValueError("an interval may not exceed one hour")
+        uuids = [g.uuid for g in self.gpus]
+        if len(uuids) != len(set(uuids)):
+            raise ValueError("duplicate GPU uuid in batch")
+        keys = [(e.endpoint, e.model) for e in self.engines]
+        if len(keys) != len(set(keys)):
+            raise ValueError("duplicate (endpoint, model) in batch")
+        for value in (self.interval_start, self.interval_end):
+            if not math.isfinite(value):
+                raise ValueError("timestamps must be finite")
+        return self
+
+
+class TargetOut(Schema):
+    url: str
+    engine: Literal["vllm", "tgi", "triton", "sglang"]
+    model: str | None = None
+
+
+class AgentConfigOut(Schema):
+    config_version: int
+    interval_s: int
+    sample_s: float
+    targets: list[TargetOut]
+
+
+class IngestOut(Schema):
+    seq: int
+    status: Literal["stored", "duplicate"]
+    config: AgentConfigOut
+
+
+class EnrollIn(_Strict):
+    token: Annotated[str, Field(min_length=8, max_length=200)]
+    host: HostIn
+
+
+class EnrollOut(Schema):
+    node_id: int
+    credential: str = Field(description="Bearer credential for ingest; shown once, store it 0600")
+    config: AgentConfigOut
+
+
+class ErrorOut(Schema):
+    detail: str | list[dict]

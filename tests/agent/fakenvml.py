@@ -1,0 +1,184 @@
+"""A fake NVML with pynvml's own function names, constants and NVMLError subclasses (no GPU here)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pynvml
+
+MIB = 1024 * 1024
+
+
+def err(cls):
+    return cls.__new__(cls, {
+        pynvml.NVMLError_NotSupported: pynvml.NVML_ERROR_NOT_SUPPORTED,
+        pynvml.NVMLError_GpuIsLost: pynvml.NVML_ERROR_GPU_IS_LOST,
+        pynvml.NVMLError_Timeout: pynvml.NVML_ERROR_TIMEOUT,
+        pynvml.NVMLError_NotFound: pynvml.NVML_ERROR_NOT_FOUND,
+        pynvml.NVMLError_Unknown: pynvml.NVML_ERROR_UNKNOWN,
+    }[cls])
+
+
+class FakeGpu:
+    def __init__(self, index, **kw):
+        self.index = index
+        self.uuid = kw.get("uuid", f"GPU-{index:08x}-1111-2222-3333-444455556666")
+        self.name = kw.get("name", "NVIDIA H100 80GB HBM3")
+        self.util = kw.get("util", [50, 70])  # cycled per sample
+        self.power_mw = kw.get("power_mw", 350_000)
+        self.temp = kw.get("temp", [55, 61])
+        self.energy_mj = kw.get("energy_mj", 10_000_000)
+        self.energy_step = kw.get("energy_step", 0)
+        self.mem_total = kw.get("mem_total", 81559 * MIB)
+        self.mem_used = kw.get("mem_used", 20000 * MIB)
+        self.reasons = kw.get("reasons", 0)
+        self.ecc = [0, 0]
+        self.remap = (0, 0, 0, 0)
+        self.unsupported = set(kw.get("unsupported", ()))
+        self.lost = False
+        self.mig = kw.get("mig", [])  # list of (gi, profile, mem_mib)
+        self.calls = 0
+
+
+class FakeNvml:
+    """Module-like object. Attribute names are pynvml's; errors are pynvml's classes."""
+
+    def __init__(self, gpus):
+        for name in dir(pynvml):
+            if name.startswith(("NVMLError", "NVML_", "nvmlEventType")):
+                setattr(self, name, getattr(pynvml, name))
+        self.gpus = gpus
+        self.events = []
+        self.inits = 0
+
+    def _g(self, h) -> FakeGpu:
+        if isinstance(h, FakeGpu):
+            h.calls += 1
+            if h.lost:
+                raise err(pynvml.NVMLError_GpuIsLost)
+            return h
+        raise err(pynvml.NVMLError_Unknown)
+
+    def _check(self, h, field):
+        g = self._g(h)
+        if field in g.unsupported:
+            raise err(pynvml.NVMLError_NotSupported)
+        return g
+
+    def nvmlInit(self):
+        self.inits += 1
+
+    def nvmlShutdown(self):
+        pass
+
+    def nvmlSystemGetDriverVersion(self):
+        return "590.48.01"
+
+    def nvmlSystemGetNVMLVersion(self):
+        return "13.590.48.01"
+
+    def nvmlSystemGetCudaDriverVersion(self):
+        return 13010
+
+    def nvmlSystemGetConfComputeState(self):
+        return SimpleNamespace(environment=2, ccFeature=1, devToolsMode=0)
+
+    def nvmlDeviceGetCount(self):
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return self.gpus[i]
+
+    def nvmlDeviceGetUUID(self, h):
+        return h.uuid
+
+    def nvmlDeviceGetName(self, h):
+        if isinstance(h, SimpleNamespace):
+            return h.name
+        return self._g(h).name
+
+    def nvmlDeviceGetPciInfo(self, h):
+        return SimpleNamespace(busId=f"00000000:{0x18 + h.index:02X}:00.0".encode())  # bytes, as old pynvml
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        g = self._check(h, "util")
+        v = g.util[g.calls % len(g.util)]
+        return SimpleNamespace(gpu=v, memory=v // 2)
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        return self._check(h, "power").power_mw
+
+    def nvmlDeviceGetTemperature(self, h, sensor):
+        g = self._check(h, "temp")
+        return g.temp[g.calls % len(g.temp)]
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, h):
+        return self._check(h, "reasons").reasons
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        if isinstance(h, SimpleNamespace):
+            return SimpleNamespace(total=h.mem * MIB, used=h.mem * MIB // 4)
+        g = self._check(h, "memory")
+        return SimpleNamespace(total=g.mem_total, used=g.mem_used)
+
+    def nvmlDeviceGetEnforcedPowerManagementLimit(self, h):
+        return 700_000
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h):
+        g = self._check(h, "energy")
+        g.energy_mj += g.energy_step
+        return g.energy_mj
+
+    def nvmlDeviceGetClockInfo(self, h, t):
+        self._check(h, "clocks")
+        return 1980 if t == pynvml.NVML_CLOCK_SM else 2619
+
+    def nvmlDeviceGetTotalEccErrors(self, h, error_type, counter):
+        g = self._check(h, "ecc")
+        return g.ecc[1 if error_type == pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED else 0]
+
+    def nvmlDeviceGetRemappedRows(self, h):
+        return self._check(h, "remap").remap
+
+    def nvmlDeviceGetRetiredPages(self, h, cause):
+        self._check(h, "retired")
+        return [0x1000] * (cause + 1)
+
+    def nvmlDeviceGetMigMode(self, h):
+        g = self._check(h, "mig")
+        return [1, 1] if g.mig else [0, 0]
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, h):
+        return 7
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, h, i):
+        g = self._g(h)
+        if i >= len(g.mig):
+            raise err(pynvml.NVMLError_NotFound)
+        gi, profile, mem = g.mig[i]
+        return SimpleNamespace(gi=gi, name=f"{g.name} MIG {profile}", mem=mem, uuid=f"MIG-{g.index}-{gi}-{i}")
+
+    def nvmlDeviceGetGpuInstanceId(self, h):
+        return h.gi
+
+    def nvmlEventSetCreate(self):
+        return "event-set"
+
+    def nvmlDeviceRegisterEvents(self, h, types, es):
+        assert types & pynvml.nvmlEventTypeXidCriticalError
+
+    def nvmlEventSetWait_v2(self, es, timeout_ms):
+        assert timeout_ms == 0  # never blocks
+        if not self.events:
+            raise err(pynvml.NVMLError_Timeout)
+        return self.events.pop(0)
+
+    def nvmlEventSetFree(self, es):
+        pass
+
+
+class ZeroCostNvml(FakeNvml):
+    """For the benchmark: 8 H100s whose readings cost nothing to produce."""
+
+    def __init__(self):
+        super().__init__([FakeGpu(i) for i in range(8)])

@@ -1,0 +1,112 @@
+"""NVML collector through a fake module built from pynvml's own error classes and constants."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from agentkit import validate
+from fakenvml import FakeGpu, FakeNvml
+
+from agents.nvml import NvmlCollector, decode_throttle
+
+
+def batch_of(gpus, events):
+    return {"schema_version": 1, "seq": 1, "interval_start": 1000.0, "interval_end": 1010.0,
+            "host": {"hostname": "n1"}, "gpus": gpus, "events": events}
+
+
+def run_interval(c, samples=3, t0=1000.0):
+    for i in range(samples):
+        c.sample(t0 + i + 1)
+    return c.finish_interval(t0 + samples)
+
+
+def test_summary_values_and_versions():
+    g = FakeGpu(0, util=[40, 80, 60], temp=[50, 64, 58], energy_step=1_000_000)
+    nv = FakeNvml([g])
+    c = NvmlCollector(nv)
+    c.start(1000.0)
+    assert c.host == {"driver_version": "590.48.01", "cuda_driver_version": "13.1", "nvml_version": "13.590.48.01"}
+    gpus, events = run_interval(c)
+    (s,) = gpus
+    assert s["uuid"].startswith("GPU-") and s["pci_bus_id"] == "00000000:18:00.0"
+    assert s["samples"] == 3
+    assert s["util_max"] >= s["util_mean"] > 0
+    assert s["power_mean_w"] == 350.0 and s["power_limit_w"] == 700.0
+    assert s["energy_mj"] == 1_000_000  # delta of the cumulative counter
+    assert s["memory_total_mib"] == 81559 and s["memory_used_mib"] == 20000
+    assert s["sm_clock_mhz"] == 1980 and s["mem_clock_mhz"] == 2619
+    assert s["cc_mode"] == "on" and s["mig_mode"] is False
+    assert s["remapped_rows_pending"] is False and s["retired_pages"] is None  # remapping supported: no retired
+    assert events == []
+    validate(batch_of(gpus, events))
+
+
+def test_unsupported_fields_are_none_and_energy_falls_back_to_power():
+    g = FakeGpu(0, unsupported={"energy", "util", "ecc", "remap", "clocks", "temp"})
+    c = NvmlCollector(FakeNvml([g]))
+    c.start(1000.0)
+    gpus, _ = run_interval(c, samples=4)
+    (s,) = gpus
+    assert s["util_mean"] is None and s["util_max"] is None and s["temp_max_c"] is None
+    assert s["ecc_corrected_total"] is None and s["sm_clock_mhz"] is None
+    assert s["energy_mj"] == 350 * 4 * 1000  # 350 W for 4 s integrated, in mJ
+    assert s["retired_pages"] == 3  # remapped rows unsupported: retired pages (both causes) reported instead
+    validate(batch_of(gpus, []))
+    calls = g.calls
+    run_interval(c, samples=1, t0=1004.0)
+    assert g.calls - calls < 12  # unsupported calls are not retried every sample
+
+
+def test_events_xid_ecc_remap_throttle():
+    g = FakeGpu(0, reasons=0)
+    nv = FakeNvml([g])
+    c = NvmlCollector(nv)
+    c.start(1000.0)
+    run_interval(c)
+    nv.events.append(SimpleNamespace(device=g, eventType=nv.nvmlEventTypeXidCriticalError, eventData=79))
+    g.ecc = [5, 1]
+    g.remap = (0, 1, 1, 0)
+    g.reasons = 0x20 | 0x4  # sw thermal slowdown + sw power cap
+    gpus, events = run_interval(c, t0=1003.0)
+    kinds = {e["kind"]: e for e in events}
+    assert kinds["xid"]["code"] == 79 and kinds["xid"]["gpu_uuid"] == g.uuid
+    assert set(kinds) == {"xid", "ecc_corrected", "ecc_uncorrected", "remapped_rows", "thermal_throttle",
+                          "power_throttle"}
+    assert gpus[0]["throttle_reasons"] == ["sw_power_cap", "sw_thermal_slowdown"]
+    assert gpus[0]["remapped_rows_pending"] is True
+    validate(batch_of(gpus, events))
+    # same state again: no new events (edges only)
+    gpus, events = run_interval(c, t0=1006.0)
+    assert events == []
+
+
+def test_gpu_lost_is_reported_once_and_skipped():
+    a, b = FakeGpu(0), FakeGpu(1, uuid="GPU-bbbbbbbb-1111-2222-3333-444455556666")
+    c = NvmlCollector(FakeNvml([a, b]))
+    c.start(1000.0)
+    b.lost = True
+    gpus, events = run_interval(c)
+    assert [g["index"] for g in gpus] == [0]
+    assert [e["kind"] for e in events] == ["gpu_lost"] and events[0]["gpu_uuid"] == b.uuid
+    gpus, events = run_interval(c, t0=1003.0)
+    assert events == [] and len(gpus) == 1
+    validate(batch_of(gpus, events))
+
+
+def test_mig_instances_deduplicated_by_gpu_instance():
+    g = FakeGpu(0, mig=[(2, "3g.40gb", 40448), (3, "2g.20gb", 20096), (9, "1g.10gb", 9984), (9, "1g.10gb", 9984),
+                        (10, "1g.10gb+me", 9984)], unsupported={"util"})
+    c = NvmlCollector(FakeNvml([g]))
+    c.start(1000.0)
+    gpus, _ = run_interval(c)
+    s = gpus[0]
+    assert s["mig_mode"] is True
+    assert [(m["gi_id"], m["profile"], m["memory_total_mib"]) for m in s["mig_instances"]] == [
+        (2, "3g.40gb", 40448), (3, "2g.20gb", 20096), (9, "1g.10gb", 9984), (10, "1g.10gb+me", 9984)]
+    validate(batch_of(gpus, []))
+
+
+def test_decode_throttle():
+    assert decode_throttle(0) == []
+    assert decode_throttle(0x1 | 0x40 | 0x80) == ["gpu_idle", "hw_thermal_slowdown", "hw_power_brake_slowdown"]

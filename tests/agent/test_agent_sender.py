@@ -1,0 +1,157 @@
+"""Spool + sender against a loopback fake portal: retries, Retry-After, quarantine, bounded spool."""
+
+from __future__ import annotations
+
+import time
+
+from agentkit import FakePortal, validate, wait_for
+
+from agents.sender import Sender, parse_retry_after
+from agents.spool import Spool, decode
+
+
+def make_batch(i=0, pad=0):
+    return {"schema_version": 1, "seq": 0, "interval_start": 1000.0 + 10 * i, "interval_end": 1010.0 + 10 * i,
+            "host": {"hostname": "n1", "os": "x" * 0}, "gpus": [], "engines": [], "events": [
+                {"ts": 1000.0, "kind": "xid", "code": 13, "detail": "p" * pad}] if pad else [],
+            "dropped_batches": 0}
+
+
+def sender_for(tmp_path, portal, **kw):
+    cred = tmp_path / "credential"
+    cred.write_text(FakePortal.CREDENTIAL + "\n")
+    return Sender(spool_path=tmp_path / "spool.sqlite3", portal_url=portal.url, credential_path=cred,
+                  timeout_s=2.0, backoff_base_s=0.05, backoff_max_s=0.2, **kw)
+
+
+def drain(sender, spool, limit=50):
+    for _ in range(limit):
+        if sender.step(spool) is None:
+            return
+
+
+def test_spool_assigns_monotonic_seq_and_state_in_one_transaction(tmp_path):
+    spool = Spool(tmp_path / "spool.sqlite3")
+    assert spool.append(make_batch(0), {"c|a": 5.0}) == 1
+    assert spool.append(make_batch(1), {"c|a": 7.0, "ep|x": 1}) == 2
+    spool.close()
+    spool = Spool(tmp_path / "spool.sqlite3")  # reopen: persisted
+    assert spool.load_state() == {"c|a": 7.0, "ep|x": 1}
+    assert spool.append(make_batch(2)) == 3
+    seq, body = spool.oldest()
+    assert seq == 1 and decode(body)["seq"] == 1
+    assert spool.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_503_then_down_then_back_delivers_everything_once_in_order(tmp_path, portal):
+    spool = Spool(tmp_path / "spool.sqlite3")
+    s = sender_for(tmp_path, portal)
+    for i in range(3):
+        spool.append(make_batch(i))
+    portal.fail_status = 503
+    waits = [s.step(spool) for _ in range(4)]
+    assert all(0 < w <= 0.2 for w in waits)  # capped exponential backoff
+    assert spool.stats()["spool_depth"] == 3 and "503" in spool.stats()["last_error"]
+    portal.stop()  # connection refused
+    assert 0 < s.step(spool) <= 0.2
+    spool.append(make_batch(3))  # collection continues meanwhile
+    portal.fail_status = None
+    portal.server.start()
+    drain(s, spool)
+    assert portal.stored_order == [1, 2, 3, 4]
+    assert portal.duplicates == 0
+    st = spool.stats()
+    assert st["spool_depth"] == 0 and st["last_send"] is not None
+    for b in portal.batches.values():
+        validate(b)
+
+
+def test_422_goes_to_quarantine_and_is_not_retried(tmp_path, portal):
+    spool = Spool(tmp_path / "spool.sqlite3")
+    s = sender_for(tmp_path, portal)
+    for i in range(3):
+        spool.append(make_batch(i))
+    portal.reject[2] = 422
+    drain(s, spool)
+    assert portal.stored_order == [1, 3]
+    assert [p[1] for p in portal.posts].count(2) == 1
+    st = spool.stats()
+    assert st["quarantined"] == 1 and st["spool_depth"] == 0 and "quarantined" in st["last_error"]
+    row = spool.db.execute("SELECT seq, status FROM quarantine").fetchone()
+    assert row == (2, 422)
+
+
+def test_401_quarantines_too(tmp_path, portal):
+    spool = Spool(tmp_path / "spool.sqlite3")
+    s = sender_for(tmp_path, portal)
+    (tmp_path / "credential").write_text("wrong")
+    spool.append(make_batch(0))
+    drain(s, spool)
+    assert spool.stats()["quarantined"] == 1
+
+
+def test_429_with_retry_after_is_retried_after_waiting(tmp_path, portal):
+    spool = Spool(tmp_path / "spool.sqlite3")
+    spool.append(make_batch(0))
+    portal.fail_status, portal.fail_times, portal.retry_after = 429, 1, "0.4"
+    s = sender_for(tmp_path, portal)
+    assert s.step(spool) == 0.4  # Retry-After honoured over the backoff
+    portal.posts.clear()
+    portal.fail_status, portal.fail_times = 429, 1
+    s.start()
+    try:
+        assert wait_for(lambda: portal.stored_order == [1], 5)
+    finally:
+        s.stop()
+        s.join(2)
+    (t1, _, st1), (t2, _, st2) = portal.posts[:2]
+    assert (st1, st2) == (429, 200) and t2 - t1 >= 0.35
+
+
+def test_retry_after_http_date():
+    assert parse_retry_after("120") == 120.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+    assert parse_retry_after("soon") is None
+
+
+def test_no_credential_keeps_batches(tmp_path, portal):
+    spool = Spool(tmp_path / "spool.sqlite3")
+    spool.append(make_batch(0))
+    s = sender_for(tmp_path, portal)
+    (tmp_path / "credential").unlink()
+    assert s.step(spool) > 0
+    assert spool.stats()["spool_depth"] == 1 and "not enrolled" in spool.stats()["last_error"]
+
+
+def test_bounded_spool_drops_oldest_and_reports_it(tmp_path, portal):
+    import os
+
+    spool = Spool(tmp_path / "spool.sqlite3", max_bytes=64 * 1024)
+    big = {"schema_version": 1, "interval_start": 1.0, "interval_end": 2.0, "host": {"hostname": "n"},
+           "events": [{"ts": 1.0, "kind": "xid", "code": 13, "detail": os.urandom(150).hex()} for _ in range(60)]}
+    seqs = [spool.append(dict(big)) for _ in range(8)]
+    st = spool.stats()
+    assert st["spool_bytes"] <= 64 * 1024 and st["dropped_total"] > 0
+    dropped = st["dropped_total"]
+    assert st["spool_depth"] == 8 - dropped
+    seq = spool.append(make_batch(0))  # the next batch reports what was dropped
+    rows = dict(spool.db.execute("SELECT seq, dropped FROM batches").fetchall())
+    assert rows[seq] > 0  # carries the count of batches dropped before it
+    assert seqs == list(range(1, 9))
+    s = sender_for(tmp_path, portal)
+    drain(s, spool)
+    reported = sum(b["dropped_batches"] for b in portal.batches.values())
+    st = spool.stats()
+    assert reported + st["dropped_unreported"] == st["dropped_total"]  # every drop reported exactly once
+
+
+def test_config_in_reply_is_handed_over(tmp_path, portal):
+    got = []
+    spool = Spool(tmp_path / "spool.sqlite3")
+    spool.append(make_batch(0))
+    portal.config = {"config_version": 3, "interval_s": 5, "sample_s": 0.5,
+                     "targets": [{"url": "http://127.0.0.1:9/metrics", "engine": "tgi", "model": None}]}
+    s = sender_for(tmp_path, portal, on_config=got.append)
+    drain(s, spool)
+    assert got == [portal.config]
+    time.sleep(0)

@@ -1,0 +1,280 @@
+import gzip
+import json
+import time
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from portal.alerts.models import Alert
+from portal.fleet.models import EnrollmentToken, Gpu, HealthEvent, MigInstance, Node, NodeCredential, NodeStatus
+from portal.fleet.services import enrollment_token_create
+from portal.telemetry.models import GpuSample, IngestedBatch, UsageSample
+from tests.conftest import is_postgres
+from tests.factories import (
+    SiteFactory,
+    batch_payload,
+    engine_payload,
+    gpu_payload,
+    gpu_uuid,
+    node_with_credential,
+)
+
+pytestmark = pytest.mark.django_db
+
+INGEST = "/api/v1/agent/ingest"
+ENROLL = "/api/v1/agent/enroll"
+
+
+def post(client, body, credential=None, *, gzipped=False, raw=None):
+    data = raw if raw is not None else json.dumps(body).encode()
+    headers = {}
+    if gzipped:
+        data = gzip.compress(data)
+        headers["HTTP_CONTENT_ENCODING"] = "gzip"
+    if credential:
+        headers["HTTP_AUTHORIZATION"] = f"Bearer {credential}"
+    return client.post(INGEST if credential is not None else ENROLL, data=data, content_type="application/json",
+                       **headers)
+
+
+def table_counts():
+    return (IngestedBatch.objects.count(), GpuSample.objects.count(), UsageSample.objects.count(),
+            Gpu.objects.count(), HealthEvent.objects.count())
+
+
+class TestEnroll:
+    def test_it_trades_a_token_for_a_credential_once(self, client):
+        site = SiteFactory()
+        _token, value = enrollment_token_create(site=site, created_by=None)
+        host = {"hostname": "gpu-a1", "driver_version": "550.54.15", "simulated": True}
+        r = post(client, {"token": value, "host": host})
+        assert r.status_code == 200
+        body = r.json()
+        node = Node.objects.get(pk=body["node_id"])
+        assert node.hostname == "gpu-a1" and node.site == site and node.simulated
+        assert body["credential"].startswith("tmn_")
+        assert body["config"] == {"config_version": 1, "interval_s": 10, "sample_s": 1.0, "targets": []}
+        stored = NodeCredential.objects.get(node=node)
+        assert body["credential"] not in stored.digest and len(stored.digest) == 64
+        again = post(client, {"token": value, "host": host})
+        assert again.status_code == 403
+        assert again.json()["detail"] == "enrollment token was already used"
+
+    def test_it_refuses_an_expired_token(self, client):
+        site = SiteFactory()
+        _token, value = enrollment_token_create(site=site, created_by=None, ttl=timedelta(seconds=-1))
+        r = post(client, {"token": value, "host": {"hostname": "x"}})
+        assert r.status_code == 403 and "expired" in r.json()["detail"]
+        assert not Node.objects.exists()
+
+    def test_it_reenrolls_a_hostname_and_revokes_the_old_credential(self, client):
+        site = SiteFactory()
+        node, old = node_with_credential(site=site, hostname="gpu-a1")
+        _t, value = enrollment_token_create(site=site, created_by=None)
+        r = post(client, {"token": value, "host": {"hostname": "gpu-a1"}})
+        assert r.json()["node_id"] == node.pk
+        assert post(client, batch_payload(seq=1), old).status_code == 401
+        assert post(client, batch_payload(seq=1), r.json()["credential"]).status_code == 200
+
+    def test_it_names_the_bad_field(self, client):
+        r = post(client, {"token": "short", "host": {}})
+        assert r.status_code == 422
+        locs = [e["loc"] for e in r.json()["detail"]]
+        assert ["body", "token"] in locs and ["body", "host", "hostname"] in locs
+        assert not EnrollmentToken.objects.exists()
+
+
+class TestIngest:
+    def setup_method(self):
+        self.uuids = [gpu_uuid() for _ in range(2)]
+
+    def _batch(self, seq, **kw):
+        gpus = [gpu_payload(uuid=u, index=i, util=30.0 + 60 * i) for i, u in enumerate(self.uuids)]
+        return batch_payload(seq=seq, gpus=gpus, engines=[engine_payload()], **kw)
+
+    def test_it_stores_a_batch_and_answers_with_config(self, client):
+        node, cred = node_with_credential(status=NodeStatus.PENDING)
+        r = post(client, self._batch(1), cred, gzipped=True)
+        assert r.status_code == 200, r.content
+        assert r.json()["status"] == "stored" and r.json()["seq"] == 1
+        assert r.json()["config"]["interval_s"] == 10
+        assert sorted(Gpu.objects.filter(node=node).values_list("current_util", flat=True)) == [30.0, 90.0]
+        usage = UsageSample.objects.get()
+        assert (usage.prompt_tokens, usage.generation_tokens) == (1000, 250)
+        assert usage.ttft["counts"] == [1, 3, 4, 5, 5]
+        node.refresh_from_db()
+        assert node.status == NodeStatus.ONLINE and node.driver_version == "550.54.15"
+
+    def test_it_stores_a_resent_batch_once(self, client):
+        _node, cred = node_with_credential()
+        body = self._batch(7)
+        assert post(client, body, cred).json()["status"] == "stored"
+        before = table_counts()
+        r = post(client, body, cred, gzipped=True)
+        assert r.status_code == 200 and r.json()["status"] == "duplicate"
+        assert table_counts() == before
+
+    def test_it_accepts_out_of_order_seq(self, client):
+        _node, cred = node_with_credential()
+        now = time.time()
+        assert post(client, self._batch(5, end=now), cred).status_code == 200
+        assert post(client, self._batch(3, end=now - 20), cred).status_code == 200
+        assert sorted(IngestedBatch.objects.values_list("seq", flat=True)) == [3, 5]
+
+    def test_it_answers_409_for_same_seq_different_content(self, client):
+        _node, cred = node_with_credential()
+        assert post(client, self._batch(9), cred).status_code == 200
+        before = table_counts()
+        other = self._batch(9)
+        other["engines"][0]["prompt_tokens"] = 999
+        r = post(client, other, cred)
+        assert r.status_code == 409
+        assert "seq 9" in r.json()["detail"]
+        assert table_counts() == before
+
+    def test_it_refuses_a_bad_credential(self, client):
+        node_with_credential()
+        assert post(client, self._batch(1), "tmn_000000000000_nope").status_code == 401
+        assert post(client, self._batch(1), "garbage").status_code == 401
+        assert table_counts() == (0, 0, 0, 0, 0)
+
+    @pytest.mark.parametrize(
+        ("mutate", "loc"),
+        [
+            (lambda b: b["gpus"][0].update(util_mean="high"), ["body", "gpus", 0, "util_mean"]),
+            (lambda b: b["gpus"][0].update(util_mean=140), ["body", "gpus", 0, "util_mean"]),
+            (lambda b: b["gpus"][1].update(power_mean_w=-5), ["body", "gpus", 1, "power_mean_w"]),
+            (lambda b: b["engines"][0].update(prompt_tokens=-1), ["body", "engines", 0, "prompt_tokens"]),
+            (lambda b: b["engines"][0].update(prompt_tokens=10**15), ["body", "engines", 0, "prompt_tokens"]),
+            (lambda b: b["gpus"][0].update(uuid="not-a-uuid"), ["body", "gpus", 0, "uuid"]),
+            (lambda b: b.update(schema_version=2), ["body", "schema_version"]),
+            (lambda b: b.update(seq=0), ["body", "seq"]),
+            (lambda b: b.update(surprise=1), ["body", "surprise"]),
+            (lambda b: b["gpus"].append(dict(b["gpus"][0])), ["body"]),
+            (lambda b: b.update(interval_end=b["interval_start"] + 86400 * 400,
+                                interval_start=b["interval_start"] + 86400 * 400 - 10), ["body", "interval_start"]),
+            (lambda b: b.update(interval_end=b["interval_end"] - 86400 * 60,
+                                interval_start=b["interval_start"] - 86400 * 60), ["body", "interval_start"]),
+        ],
+    )
+    def test_it_rejects_bad_input_naming_the_field(self, client, mutate, loc):
+        _node, cred = node_with_credential()
+        body = self._batch(1)
+        mutate(body)
+        r = post(client, body, cred)
+        assert r.status_code == 422, r.content
+        assert loc in [e["loc"] for e in r.json()["detail"]]
+        assert table_counts() == (0, 0, 0, 0, 0)
+
+    def test_it_rejects_nan_and_infinity(self, client):
+        _node, cred = node_with_credential()
+        raw = json.dumps(self._batch(1)).replace('"util_mean": 30.0', '"util_mean": NaN').encode()
+        r = post(client, None, cred, raw=raw)
+        assert r.status_code == 422
+        assert ["body", "gpus", 0, "util_mean"] in [e["loc"] for e in r.json()["detail"]]
+        raw = json.dumps(self._batch(1)).replace('"power_mean_w": 400.0', '"power_mean_w": Infinity', 1).encode()
+        assert post(client, None, cred, raw=raw).status_code == 422
+        assert table_counts() == (0, 0, 0, 0, 0)
+
+    def test_it_rejects_a_gpu_of_another_node(self, client):
+        _other, other_cred = node_with_credential()
+        assert post(client, self._batch(1), other_cred).status_code == 200
+        before = table_counts()
+        _node, cred = node_with_credential()
+        r = post(client, self._batch(1), cred)
+        assert r.status_code == 422
+        assert r.json()["detail"][0]["loc"] == ["body", "gpus", 0, "uuid"]
+        assert r.json()["detail"][0]["msg"] == "GPU belongs to another node"
+        assert table_counts() == before
+
+    def test_it_rejects_malformed_json_and_bad_gzip(self, client):
+        _node, cred = node_with_credential()
+        assert post(client, None, cred, raw=b"{not json").status_code == 422
+        r = client.post(INGEST, data=b"not gzip", content_type="application/json", HTTP_CONTENT_ENCODING="gzip",
+                        HTTP_AUTHORIZATION=f"Bearer {cred}")
+        assert r.status_code == 400
+
+    def test_it_refuses_a_body_over_the_limit(self, client, settings):
+        settings.INGEST_MAX_BODY_BYTES = 2048
+        _node, cred = node_with_credential()
+        body = self._batch(1)
+        body["events"] = [{"ts": time.time(), "kind": "xid", "code": 13, "detail": "x" * 400} for _ in range(10)]
+        assert post(client, body, cred).status_code == 413
+        bomb = gzip.compress(b" " * (64 * 2048))
+        r = client.post(INGEST, data=bomb, content_type="application/json", HTTP_CONTENT_ENCODING="gzip",
+                        HTTP_AUTHORIZATION=f"Bearer {cred}")
+        assert r.status_code == 413
+        assert table_counts() == (0, 0, 0, 0, 0)
+
+    def test_it_rate_limits_a_node(self, client, settings):
+        settings.INGEST_MAX_BATCHES_PER_MINUTE = 3
+        _node, cred = node_with_credential()
+        now = time.time()
+        codes = [post(client, self._batch(s, end=now - s), cred).status_code for s in range(1, 6)]
+        assert codes.count(429) >= 1 and codes[0] == 200
+        r = post(client, self._batch(99, end=now), cred)
+        assert r.status_code == 429 and 0 < int(r.headers["Retry-After"]) <= 60
+
+    def test_it_stores_health_events_and_opens_alerts(self, client):
+        node, cred = node_with_credential()
+        body = self._batch(1)
+        now = time.time()
+        body["events"] = [
+            {"ts": now - 2, "gpu_uuid": self.uuids[1], "kind": "xid", "code": 79, "detail": "fell off the bus"},
+            {"ts": now - 1, "gpu_uuid": self.uuids[0], "kind": "xid", "code": 13, "detail": "app fault"},
+            {"ts": now - 1, "gpu_uuid": self.uuids[0], "kind": "ecc_uncorrected", "detail": "1 new"},
+        ]
+        assert post(client, body, cred).status_code == 200
+        events = HealthEvent.objects.filter(node=node).order_by("at", "kind")
+        assert [(e.kind, e.code, e.gpu.uuid) for e in events] == [
+            ("xid", 79, self.uuids[1]), ("ecc_uncorrected", None, self.uuids[0]), ("xid", 13, self.uuids[0])]
+        titles = sorted(Alert.objects.values_list("title", flat=True))
+        assert titles == [f"Uncorrected ECC error on {node.hostname}",
+                          f"XID 79: GPU has fallen off the bus on {node.hostname}"]
+
+    def test_it_tracks_mig_layout_changes(self, client):
+        _node, cred = node_with_credential()
+        body = self._batch(1)
+        body["gpus"][0].update(mig_mode=True, mig_instances=[
+            {"gi_id": 1, "profile": "3g.40gb", "memory_total_mib": 40192},
+            {"gi_id": 2, "profile": "4g.40gb", "memory_total_mib": 40192}])
+        assert post(client, body, cred).status_code == 200
+        assert sorted(MigInstance.objects.values_list("profile", flat=True)) == ["3g.40gb", "4g.40gb"]
+        body = self._batch(2)
+        body["gpus"][0].update(mig_mode=True, mig_instances=[
+            {"gi_id": 1, "profile": "7g.80gb", "memory_total_mib": 81559}])
+        assert post(client, body, cred).status_code == 200
+        assert list(MigInstance.objects.values_list("gi_id", "profile")) == [(1, "7g.80gb")]
+
+    def test_it_keeps_current_state_when_replaying_old_batches(self, client):
+        _node, cred = node_with_credential()
+        now = time.time()
+        assert post(client, self._batch(10, end=now), cred).status_code == 200
+        old = self._batch(2, end=now - 3600)
+        old["gpus"][0]["util_mean"] = 1.0
+        old["gpus"][0]["util_max"] = 1.0
+        assert post(client, old, cred).status_code == 200
+        assert Gpu.objects.get(uuid=self.uuids[0]).current_util == 30.0
+        assert GpuSample.objects.filter(gpu__uuid=self.uuids[0]).count() == 2
+
+    @pytest.mark.parametrize("gpus", [1, 8, 32])
+    def test_it_uses_a_fixed_number_of_queries(self, client, gpus):
+        node, cred = node_with_credential()
+        uuids = [gpu_uuid() for _ in range(gpus)]
+
+        def body(seq):
+            return batch_payload(
+                seq=seq, end=time.time(),
+                gpus=[gpu_payload(uuid=u, index=i) for i, u in enumerate(uuids)],
+                engines=[engine_payload(endpoint=f"http://127.0.0.1:{8000 + i}/metrics") for i in range(2)])
+
+        assert post(client, body(1), cred).status_code == 200
+        Node.objects.filter(pk=node.pk).update(last_seen=timezone.now())
+        with CaptureQueriesContext(connection) as ctx:
+            assert post(client, body(2), cred).status_code == 200
+        # auth, seq check, GPU lookup, savepoint, batch, GPU upsert, MIG lookup, samples, endpoint upsert, usage,
+        # release, config targets: the same for 1 or 32 GPUs. PostgreSQL's two COPYs bypass the query log.
+        assert len(ctx.captured_queries) == (10 if is_postgres() else 12), [q["sql"][:80] for q in ctx.captured_queries]

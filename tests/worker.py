@@ -1,0 +1,56 @@
+"""A real Celery worker process against the test database and the configured broker."""
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+from django.conf import settings
+from django.db import connection
+
+from portal.celery import app as celery_app
+
+
+def database_url() -> str:
+    db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{db['NAME']}"
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+@contextmanager
+def celery_worker():
+    """Start `celery worker` on a queue of its own (so no other worker on this machine takes its tasks); yields
+    the queue name. The worker is killed on exit."""
+    queue = f"test-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "DATABASE_URL": database_url(), "CELERY_BROKER_URL": celery_app.conf.broker_url}
+    env.pop("CELERY_TASK_ALWAYS_EAGER", None)
+    celery = Path(sys.executable).parent / "celery"
+    log = settings.VAR_DIR / f"{queue}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(celery), "-A", "portal", "worker", "--pool", "solo", "-Q", queue, "--loglevel", "INFO",
+             "--without-heartbeat", "--without-gossip", "--without-mingle"],
+            cwd=settings.BASE_DIR, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    celery_app.conf.task_always_eager = False
+    try:
+        yield queue, proc
+    finally:
+        celery_app.conf.task_always_eager = True
+        proc.kill()
+        proc.wait(timeout=10)
+        log.unlink(missing_ok=True)
+
+
+def wait_until(predicate, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
