@@ -39,6 +39,7 @@ class SimulateConfig:
     mig: bool = False
     seed: int = 42
     load: float = 0.6
+    driver_version: str = "590.48.01"
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def _target(raw: Any, where: str) -> Target:
 def _simulate(raw: Any) -> SimulateConfig:
     if not isinstance(raw, dict):
         raise ConfigError("[simulate] must be a table")
-    unknown = set(raw) - {"gpus", "gpu_model", "mig", "seed", "load"}
+    unknown = set(raw) - {"gpus", "gpu_model", "mig", "seed", "load", "driver_version"}
     if unknown:
         raise ConfigError(f"[simulate]: unknown keys {sorted(unknown)}")
     sim = SimulateConfig(
@@ -94,6 +95,7 @@ def _simulate(raw: Any) -> SimulateConfig:
         mig=bool(raw.get("mig", False)),
         seed=int(raw.get("seed", 42)),
         load=float(raw.get("load", 0.6)),
+        driver_version=str(raw.get("driver_version", SimulateConfig.driver_version)),
     )
     return _check_sim(sim)
 

@@ -54,7 +54,8 @@ MIG_LAYOUTS = (
 PCI_BUSES = (0x18, 0x2A, 0x3A, 0x5D, 0x9A, 0xAB, 0xBA, 0xDB)
 XIDS = ((13, 3.0), (31, 4.0), (43, 3.0), (63, 1.5), (79, 0.3), (94, 1.0))
 XID_RATE_PER_GPU_S = 1.0 / (8 * 4 * 3600)  # an 8-GPU node sees about one XID every four hours
-DRIVER, CUDA, NVML_VERSION = "590.48.01", 13010, "13.590.48.01"
+# CUDA driver API version each driver branch reports (NVML encodes 13.1 as 13010).
+CUDA_BY_DRIVER_BRANCH = {"590": 13010, "580": 13000, "570": 12080, "560": 12060, "550": 12040, "535": 12020}
 
 
 def _stable(*parts: object) -> int:
@@ -174,13 +175,14 @@ class SimNvml:
         return None
 
     def nvmlSystemGetDriverVersion(self):
-        return DRIVER
+        return self.sim.driver_version
 
     def nvmlSystemGetNVMLVersion(self):
-        return NVML_VERSION
+        branch = self.sim.driver_version.split(".")[0]
+        return f"{CUDA_BY_DRIVER_BRANCH.get(branch, 13010) // 1000}.{self.sim.driver_version}"
 
     def nvmlSystemGetCudaDriverVersion(self):
-        return CUDA
+        return CUDA_BY_DRIVER_BRANCH.get(self.sim.driver_version.split(".")[0], 13010)
 
     def nvmlSystemGetConfComputeState(self):
         return SimpleNamespace(environment=0, ccFeature=0, devToolsMode=0)

@@ -90,7 +90,8 @@ class TestRollups:
 
     def test_it_rolls_hours_from_minutes_and_is_idempotent(self, client):
         _node, cred = node_with_credential()
-        ingest_series(client, cred, [gpu_uuid()], start=time.time() - 2 * 3600, count=30, rng=random.Random(5))
+        hour_start = (int(time.time()) // 3600 - 2) * 3600  # 30 batches inside one clock hour
+        ingest_series(client, cred, [gpu_uuid()], start=hour_start + 60, count=30, rng=random.Random(5))
         now = settled()
         rollup_minutes(now=now)
         rollup_hours(now=now)

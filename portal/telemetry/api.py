@@ -33,13 +33,20 @@ class NodeBearer(HttpBearer):
 
 
 def agent_config(node: Node) -> dict:
-    targets = ScrapeTarget.objects.filter(node_id=node.pk).order_by("url").values("url", "engine", "model")
-    return AgentConfigOut(
-        config_version=node.config_version,
-        interval_s=node.interval_s,
-        sample_s=node.sample_s,
-        targets=[{**t, "model": t["model"] or None} for t in targets],
-    ).model_dump()
+    """The node's desired agent config. Cached by config version: every change of targets or intervals bumps it
+    (node_set_scrape_targets), and the node row is read fresh with the credential on each request."""
+    key = f"agent-config:{node.pk}:{node.config_version}:{node.interval_s}:{node.sample_s}"
+    config = cache.get(key)
+    if config is None:
+        targets = ScrapeTarget.objects.filter(node_id=node.pk).order_by("url").values("url", "engine", "model")
+        config = AgentConfigOut(
+            config_version=node.config_version,
+            interval_s=node.interval_s,
+            sample_s=node.sample_s,
+            targets=[{**t, "model": t["model"] or None} for t in targets],
+        ).model_dump()
+        cache.set(key, config, timeout=3600)
+    return config
 
 
 class BodyError(Exception):

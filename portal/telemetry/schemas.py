@@ -10,7 +10,7 @@ import re
 from typing import Annotated, Literal
 
 from ninja import Schema
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 ENGINES = ("vllm", "tgi", "triton", "sglang")
@@ -37,7 +37,10 @@ _GPU_UUID = re.compile(r"^GPU-[0-9A-Za-z-]{8,64}$")
 _MIG_PROFILE = re.compile(r"^\d+g\.\d+gb(\+[a-z]+)?$")
 
 
-class _Strict(Schema):
+class _Strict(BaseModel):
+    # Plain pydantic, not ninja.Schema: ninja's wrap validator runs each nested model twice and through a getter
+    # proxy, which made validating a batch 8-14x slower (benchmarks/bench_ingest.py). Requests are parsed with
+    # model_validate_json in the view, so nothing here needs ninja.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 

@@ -90,8 +90,9 @@ def batch_ingest(*, credential: NodeCredential, batch: BatchIn, now: datetime | 
         return _duplicate_or_conflict(batch.seq, stored, digest)
 
     uuids = [g.uuid for g in batch.gpus]
-    known = {uuid: (pk, node_id) for pk, uuid, node_id in Gpu.objects.filter(uuid__in=uuids).values_list(
-        "pk", "uuid", "node_id")}
+    known_rows = Gpu.objects.filter(uuid__in=uuids).values_list("pk", "uuid", "node_id", "mig_mode")
+    known = {uuid: (pk, node_id) for pk, uuid, node_id, _mig in known_rows}
+    mig_known = any(mig for _pk, _uuid, _node, mig in known_rows)
     for i, gpu in enumerate(batch.gpus):
         if gpu.uuid in known and known[gpu.uuid][1] != node.pk:
             raise IngestRejected(["gpus", i, "uuid"], "GPU belongs to another node")
@@ -108,7 +109,7 @@ def batch_ingest(*, credential: NodeCredential, batch: BatchIn, now: datetime | 
                 node=node, seq=batch.seq, digest=digest, interval_start=start, interval_end=end, received_at=now,
                 gpu_count=len(batch.gpus), dropped_batches=batch.dropped_batches,
             )
-            gpu_ids = _store_gpus(node, batch, known, start, end, fresh, now)
+            gpu_ids = _store_gpus(node, batch, known, start, end, fresh, now, mig_known)
             _store_usage(node, batch, start, end, fresh, now)
             _store_events(node, batch, gpu_ids)
             _touch_node(node, credential, batch, now, fresh)
@@ -129,7 +130,7 @@ def _duplicate_or_conflict(seq: int, stored: str, digest: str) -> IngestResult:
 
 def _store_gpus(
     node: Node, batch: BatchIn, known: dict[str, tuple[int, int]], start: datetime, end: datetime, fresh: bool,
-    received_at: datetime,
+    received_at: datetime, mig_known: bool,
 ) -> dict[str, int]:
     rows = []
     for g in batch.gpus:
@@ -147,7 +148,8 @@ def _store_gpus(
         Gpu.objects.bulk_create([r for r in rows if r.uuid not in known])
     ids = {uuid: pk for uuid, (pk, _node) in known.items()}
     ids.update({r.uuid: r.pk for r in rows if r.pk is not None})
-    if fresh:
+    # MIG layouts are only read when MIG is (or was) in play: most batches skip a query.
+    if fresh and (mig_known or any(g.mig_mode or g.mig_instances for g in batch.gpus)):
         _sync_mig(batch, ids)
     seconds = batch.interval_end - batch.interval_start
     insert_rows(GpuSample, [

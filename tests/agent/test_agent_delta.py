@@ -125,3 +125,14 @@ def test_float_counters_round_and_telescope():
     assert counter_delta(8.128902e06, 8.128902e06 + 0.4) == 0
     assert counter_delta(1.4, 2.6) == 2
     assert counter_delta(None, 5.0) == 5
+
+
+def test_nodes_end_their_intervals_at_spread_but_stable_phases():
+    from agents.daemon import _next_boundary, send_phase
+
+    phases = {send_phase(f"gpu-node-{i:03d}", 10) for i in range(200)}
+    assert all(0 <= p < 10 for p in phases) and len(phases) > 150  # spread over the interval
+    assert send_phase("gpu-node-001", 10) == send_phase("gpu-node-001", 10)
+    phase = send_phase("gpu-node-001", 10)
+    boundary = _next_boundary(1_000_000.0, 10, 1.0, phase)
+    assert (boundary - phase) % 10 == 0 and 1_000_001.0 <= boundary < 1_000_011.0
