@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: venv demo test lint bench bench-agent bench-ingest bench-dashboard openapi clean
+.PHONY: venv agent-wheels demo test lint bench bench-agent bench-ingest bench-dashboard openapi clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,10 +15,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-demo: venv
+# The agent wheel and its dependency wheels that provisioning uploads to nodes (var/wheels); downloads only what is
+# missing, so nodes and later runs need no package index.
+agent-wheels: venv
+	$(BIN)/python -m portal.provisioning.wheels >/dev/null
+
+demo: venv agent-wheels
 	$(BIN)/python scripts/demo.py
 
-test: venv
+test: venv agent-wheels
 	scripts/ensure-test-deps
 	$(BIN)/ruff check .
 	$(BIN)/pytest $(PYTEST_ARGS)
@@ -29,13 +34,16 @@ lint: venv
 openapi: venv
 	$(BIN)/python manage.py export_openapi > docs/openapi.json
 
-bench: bench-agent bench-ingest
+bench: bench-agent bench-ingest bench-dashboard
 
 bench-agent: venv
 	$(BIN)/python benchmarks/bench_agent.py
 
 bench-ingest: venv
 	$(BIN)/python benchmarks/bench_ingest.py
+
+bench-dashboard: venv
+	$(BIN)/python benchmarks/bench_dashboard.py
 
 clean:
 	rm -rf var test-artifacts

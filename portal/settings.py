@@ -5,6 +5,7 @@ var/. Production (TOKENMILL_PRODUCTION=1): SECRET_KEY, ALLOWED_HOSTS and DATABAS
 security settings that `manage.py check --deploy` asks for are on.
 """
 
+import os
 import secrets
 from pathlib import Path
 
@@ -64,6 +65,13 @@ INSTALLED_APPS = [
     "portal.fleet",
     "portal.telemetry",
     "portal.alerts",
+    "portal.economics",
+    "portal.capacity",
+    "portal.audit",
+    "portal.standards",
+    "portal.provisioning",
+    "portal.sla",
+    "portal.billing",
 ]
 
 MIDDLEWARE = [
@@ -111,8 +119,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "transaction_mode": "IMMEDIATE",
         "timeout": 20,
     }
-    # A file, not :memory:, so a real Celery worker process started by the tests sees the test database.
-    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
+    # A file, not :memory:, so a real Celery worker process started by the tests sees the test database; one per
+    # test process, so two test runs on one machine never share it.
+    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / f"test-{os.getpid()}.sqlite3")}
     DATABASES["default"]["CONN_MAX_AGE"] = 0
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -187,6 +196,14 @@ CELERY_BEAT_SCHEDULE = {
     "telemetry-rollup-hours": {"task": "portal.telemetry.tasks.rollup_hours", "schedule": crontab(minute="*/10")},
     "telemetry-retention": {"task": "portal.telemetry.tasks.apply_retention", "schedule": crontab(minute=17)},
     "fleet-offline-detection": {"task": "portal.fleet.tasks.detect_offline_nodes", "schedule": 15.0},
+    "capacity-quotas": {"task": "portal.capacity.tasks.check_quotas", "schedule": 60.0},
+    "alerts-requeue-deliveries": {"task": "portal.alerts.tasks.requeue_stale_deliveries", "schedule": 300.0},
+    # After the hour rollup (*/10) has folded in the hour that just ended.
+    "sla-evaluate": {"task": "portal.sla.tasks.evaluate_slas", "schedule": crontab(minute=20)},
+    "billing-refresh-drafts": {"task": "portal.billing.tasks.refresh_drafts", "schedule": crontab(minute=25)},
+    # Daily, so a missed run catches up; tenants already invoiced for last month are skipped.
+    "billing-invoice-closed-month": {"task": "portal.billing.tasks.invoice_closed_month",
+                                     "schedule": crontab(hour=3, minute=30)},
 }
 
 # Cache: Redis when configured (shared rate limits across processes), local memory otherwise.
@@ -202,6 +219,12 @@ INGEST_MAX_BATCHES_PER_MINUTE = env_int("INGEST_MAX_BATCHES_PER_MINUTE", 120, mi
 TELEMETRY_RAW_RETENTION_HOURS = env_int("TELEMETRY_RAW_RETENTION_HOURS", 48, minimum=1)
 TELEMETRY_MINUTE_RETENTION_DAYS = env_int("TELEMETRY_MINUTE_RETENTION_DAYS", 30, minimum=1)
 METRICS_BEARER_TOKEN = env_str("METRICS_BEARER_TOKEN", "")
+# Public sign-up: attempts per client address and hour (the cache above holds the counters).
+SIGNUP_RATE_LIMIT_PER_HOUR = env_int("SIGNUP_RATE_LIMIT_PER_HOUR", 10, minimum=1)
+# Fernet key(s) encrypting uploaded SSH private keys (portal/provisioning/crypto.py; first encrypts, all decrypt).
+PROVISIONING_KEY = env_str("PROVISIONING_KEY", "")
+if PRODUCTION and not PROVISIONING_KEY:
+    raise ImproperlyConfigured("PROVISIONING_KEY is required when TOKENMILL_PRODUCTION=1")
 
 DATA_UPLOAD_MAX_MEMORY_SIZE = INGEST_MAX_BODY_BYTES
 

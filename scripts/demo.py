@@ -31,7 +31,7 @@ def main() -> int:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
     run("migrate", "--noinput", "-v", "0")
     run("seed_demo", "--if-empty", "--portal-url", URL)
-    var = ROOT / "var"
+    var = Path(os.environ.get("TOKENMILL_VAR_DIR") or ROOT / "var")
     logs = var / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     commands = {

@@ -10,6 +10,7 @@ PROD_ENV = {
     "ALLOWED_HOSTS": "tokenmill.example.com",
     "DATABASE_URL": "postgres://tokenmill@127.0.0.1:5432/tokenmill",
     "CELERY_BROKER_URL": "redis://127.0.0.1:6379/0",
+    "PROVISIONING_KEY": "q6N0eA1mX2l8e6bHk0m6bS0f1b3oVv2z8Qe8mJ9cP1Y=",
 }
 
 

@@ -14,12 +14,31 @@ from pathlib import Path
 
 from django.db import transaction
 
-from agents.simulate import GPU_MODELS, MIG_LAYOUTS, daily_shape, gpu_uuid
+from agents.simulate import GPU_MODELS, MIG_LAYOUTS, VERSIONS, daily_shape, gpu_uuid
 from portal.accounts.models import OperatorRole, User
-from portal.fleet.models import Gpu, MigInstance, Node, NodeStatus, ScrapeTarget, ServingEndpoint, Site
+from portal.alerts.models import Severity
+from portal.alerts.services import alert_acknowledge, alert_raise
+from portal.capacity.services import allocation_create, deployment_create, quota_set
+from portal.demo.billing_seed import seed_billing
+from portal.demo.tenants_seed import seed_tenants
+from portal.economics.services import cost_hours_attribute
+from portal.fleet.models import (
+    Gpu,
+    HealthEvent,
+    HealthEventKind,
+    MigInstance,
+    Node,
+    NodeStatus,
+    ScrapeTarget,
+    ServingEndpoint,
+    Site,
+)
 from portal.fleet.services import node_credential_issue
+from portal.standards.services import baseline_set
 from portal.telemetry.bulk import insert_rows
 from portal.telemetry.models import GpuHour, GpuMinute, RollupWatermark, UsageHour, UsageMinute
+from portal.telemetry.rollups import rollup_site_hours
+from portal.telemetry.xid import XID_MEANINGS
 from portal.tenants.models import MemberRole, Membership, Tenant, TenantStatus
 
 DEMO_PASSWORD = "tokenmill-demo"  # noqa: S105 - the demo's published login, printed by `make demo`
@@ -46,8 +65,9 @@ SITES = (
     SiteSpec("iad-1", "Ashburn IAD-1", "Ashburn, VA, US", "USD", Decimal("31000.00"), Decimal("0.0850"),
              Decimal("1.25"), Decimal("0.3200"),
              tuple((f"iad1-h100-{i:02d}", "H100", i in (9, 10)) for i in range(1, 11))),
-    SiteSpec("fra-1", "Frankfurt FRA-1", "Frankfurt, DE", "EUR", Decimal("17500.00"), Decimal("0.1900"),
-             Decimal("1.35"), Decimal("0.2800"),
+    # Reported in USD, like the price books, so the P&L can set revenue against cost (no FX in Tokenmill).
+    SiteSpec("fra-1", "Frankfurt FRA-1", "Frankfurt, DE", "USD", Decimal("19000.00"), Decimal("0.2100"),
+             Decimal("1.35"), Decimal("0.3000"),
              tuple((f"fra1-a100-{i:02d}", "A100", i == 6) for i in range(1, 7))),
 )
 
@@ -68,6 +88,15 @@ MODELS = (
     ("nvidia/Llama-3.1-Nemotron-70B-Instruct", "triton", 450, "acme"),
 )
 ENGINE_PORTS = {"vllm": 8000, "sglang": 30000, "tgi": 8080, "triton": 8002}
+# Engine settings as operators enter them with a deployment (what the engine does not expose itself).
+ENGINE_SETTINGS = (
+    {"precision": "bf16", "kv_cache_dtype": "auto"},
+    {"precision": "fp8", "kv_cache_dtype": "fp8_e4m3"},
+    {"precision": "fp8", "kv_cache_dtype": "fp8_e4m3", "speculative_decoding": "eagle3"},
+    {"precision": "int4-awq", "kv_cache_dtype": "auto"},
+)
+LAGGING_NODES = ("iad1-h100-03", "fra1-a100-03")
+LAGGING_DRIVER = "550.127.05"
 
 
 def mig_layout(index: int) -> tuple[tuple[str, int], ...]:
@@ -77,10 +106,13 @@ def mig_layout(index: int) -> tuple[tuple[str, int], ...]:
     return MIG_LAYOUTS[(index // 4 + SIM_SEED) % len(MIG_LAYOUTS)]
 
 
-def load_at(t: datetime, rng_value: float) -> float:
-    """Fleet utilization at time t: the simulated agents' daily curve, with the demo's load level."""
+def load_at(t: datetime, rng_value: float, now: datetime) -> float:
+    """Fleet utilization at time t: the simulated agents' daily curve at the demo's load level, scaled by a month
+    of growth (tenants onboarding: 55% of today's load 30 days ago), so the economics pages show the factory
+    moving along its own cost curve."""
     hour = t.hour + t.minute / 60
-    return max(0.02, min(0.99, 0.78 * daily_shape(hour) * (1 + 0.12 * rng_value)))
+    growth = 0.55 + 0.45 * max(0.0, 1 - (now - t) / timedelta(days=30))
+    return max(0.02, min(0.99, 0.78 * growth * daily_shape(hour) * (1 + 0.12 * rng_value)))
 
 
 def _histogram(le: list[float], median: float, n: int, rng: random.Random) -> dict:
@@ -97,8 +129,8 @@ def _histogram(le: list[float], median: float, n: int, rng: random.Random) -> di
     return {"le": le, "counts": counts, "sum": round(total_sum, 3)}
 
 
-def seed_demo(*, now: datetime | None = None, days: int = 30, agents_dir: Path | None = None,
-              portal_url: str = "http://127.0.0.1:8000") -> dict:
+def seed_demo(*, now: datetime | None = None, days: int = 30, minute_hours: int = 24,
+              agents_dir: Path | None = None, portal_url: str = "http://127.0.0.1:8000") -> dict:
     now = (now or datetime.now(tz=UTC)).replace(second=0, microsecond=0)
     rng = random.Random(7)
     with transaction.atomic():
@@ -119,8 +151,17 @@ def seed_demo(*, now: datetime | None = None, days: int = 30, agents_dir: Path |
             )
             for hostname, model_key, mig in spec.nodes:
                 nodes.append(_node(site, hostname, model_key, mig, now))
-        endpoints = _endpoints(nodes)
-        _history(nodes, endpoints, now, days, rng)
+        endpoints = _endpoints(nodes, tenants, people[0], now, days)
+        _history(nodes, endpoints, now, days, minute_hours, rng)
+        _health(nodes, people[0], now, rng)
+        for slug, tokens_per_minute, gpus in (("acme", 6_000_000, 48), ("globex", 1_500_000, 40),
+                                              ("initech", 2_000_000, 24), ("umbrella", 3_000_000, 24)):
+            quota_set(tenant=tenants[slug], tokens_per_minute=tokens_per_minute, gpus=gpus)
+        seed_tenants(tenants=tenants, now=now)
+        seed_billing(now=now)
+        baseline_set(by=people[0], driver_version="590.48.01", cuda_driver_version="13.1",
+                     note="Q4 fleet standard", now=now - timedelta(days=20), **{
+                         f"{engine}_version": version for engine, version in VERSIONS.items()})
         for name in ("minute", "hour"):
             RollupWatermark.objects.update_or_create(name=name, defaults={"received_until": now})
         credentials = {node.hostname: node_credential_issue(node=node) for node in nodes}
@@ -145,9 +186,9 @@ def _node(site: Site, hostname: str, model_key: str, mig: bool, now: datetime) -
         os="Ubuntu 22.04.5 LTS", kernel="5.15.0-126-generic", driver_version="590.48.01",
         cuda_driver_version="13.1", nvml_version="13.590.48.01", agent_version="0.1.0",
     )
-    if hostname.endswith(("-03", "-07")):
+    if hostname in LAGGING_NODES:
         # Two nodes lag the baseline, as real fleets do; the version-drift view shows them.
-        node.driver_version, node.nvml_version, node.cuda_driver_version = "550.127.05", "12.550.127.05", "12.4"
+        node.driver_version, node.nvml_version, node.cuda_driver_version = LAGGING_DRIVER, "12.550.127.05", "12.4"
         node.save()
     gpus = Gpu.objects.bulk_create(
         Gpu(node=node, uuid=gpu_uuid(hostname, i), index=i, name=model.name, memory_total_mib=model.memory_mib,
@@ -163,52 +204,105 @@ def _node(site: Site, hostname: str, model_key: str, mig: bool, now: datetime) -
     return node
 
 
-def _endpoints(nodes: list[Node]) -> list[tuple[ServingEndpoint, int, int]]:
-    """Each node serves one or two models; returns (endpoint, GPUs it runs on, tokens/s per GPU)."""
+def _endpoints(nodes: list[Node], tenants: dict[str, Tenant], operator: User,
+               now: datetime, days: int) -> list[tuple[ServingEndpoint, int, int]]:
+    """Each node serves one or two tenants' models on GPUs allocated to them (some nodes keep free capacity);
+    returns (endpoint, GPUs it runs on, tokens/s per GPU)."""
     out = []
+    since = now - timedelta(days=days + 1)
     for n, node in enumerate(nodes):
         picks = [MODELS[n % len(MODELS)]] if n % 3 else [MODELS[n % len(MODELS)], MODELS[(n + 2) % len(MODELS)]]
         gpus_each = 8 // len(picks)
-        targets = []
-        for model, engine, tps, _tenant in picks:
-            url = f"http://127.0.0.1:{ENGINE_PORTS[engine] + len(targets)}/metrics"
-            targets.append(ScrapeTarget(node=node, url=url, engine=engine, model=model))
+        gpus = list(node.gpus.order_by("index").prefetch_related("mig_instances"))
+        targets = [
+            {"url": f"http://127.0.0.1:{ENGINE_PORTS[engine] + k}/metrics", "engine": engine, "model": model}
+            for k, (model, engine, _tps, _tenant) in enumerate(picks)
+        ]
+        ScrapeTarget.objects.bulk_create(ScrapeTarget(node=node, **t) for t in targets)
+        for k, ((model, engine, tps, tenant_slug), target) in enumerate(zip(picks, targets, strict=True)):
             endpoint = ServingEndpoint.objects.create(
-                node=node, url=url, model=model, engine=engine, up=True, probe_latency_ms=2.5, last_seen=None,
-                version={"vllm": "0.11.0", "sglang": "0.4.6", "tgi": "3.3.4", "triton": "2.59.0"}[engine],
+                node=node, url=target["url"], model=model, engine=engine, up=True, probe_latency_ms=2.5,
+                version=VERSIONS[engine],
+            )
+            held = gpus[k * gpus_each:(k + 1) * gpus_each]
+            if n % 5 == 4:
+                held = held[: len(held) // 2]  # a tenant that has not grown into its node yet: free capacity
+            allocations = []
+            for gpu in held:
+                units = list(gpu.mig_instances.all()) if gpu.mig_mode else [None]
+                allocations += [allocation_create(tenant=tenants[tenant_slug], gpu=gpu, mig_instance=mig,
+                                                  starts_at=since, by=operator) for mig in units]
+            deployment_create(
+                tenant=tenants[tenant_slug], name=f"{model.split('/')[-1]} on {node.hostname}", model_name=model,
+                engine=engine, node=node, metrics_url=target["url"], allocations=allocations,
+                settings=ENGINE_SETTINGS[(n + k) % len(ENGINE_SETTINGS)], active_from=since,
             )
             out.append((endpoint, gpus_each, tps))
-        ScrapeTarget.objects.bulk_create(targets)
     return out
 
 
-def _history(nodes, endpoints, now: datetime, days: int, rng: random.Random) -> None:
+def _health(nodes: list[Node], operator: User, now: datetime, rng: random.Random) -> None:
+    """A week of the health events a real fleet sees, and the alerts they opened (one already acknowledged)."""
+    gpus = list(Gpu.objects.filter(node__in=nodes).select_related("node"))
+    for _ in range(40):
+        gpu = rng.choice(gpus)
+        code = rng.choice((13, 13, 31, 43, 94))
+        HealthEvent.objects.create(node=gpu.node, gpu=gpu, kind=HealthEventKind.XID, code=code,
+                                   detail=XID_MEANINGS[code][0], at=now - timedelta(minutes=rng.randrange(7 * 1440)))
+    for kind, code, severity, title, minutes_ago, acknowledge in (
+        (HealthEventKind.XID, 63, Severity.WARNING, f"XID 63: {XID_MEANINGS[63][0]}", 2900, True),
+        (HealthEventKind.XID, 94, Severity.WARNING, f"XID 94: {XID_MEANINGS[94][0]}", 400, False),
+        (HealthEventKind.THERMAL_THROTTLE, None, Severity.WARNING, "Thermal throttling", 95, False),
+    ):
+        gpu = rng.choice(gpus)
+        at = now - timedelta(minutes=minutes_ago)
+        HealthEvent.objects.create(node=gpu.node, gpu=gpu, kind=kind, code=code, detail=title, at=at)
+        alert = alert_raise(key=f"{kind}:{code or ''}:{gpu.pk}", kind=kind, severity=severity, at=at,
+                            title=f"{title} on {gpu.node.hostname}", detail=f"GPU {gpu.index}",
+                            node_id=gpu.node_id, gpu_id=gpu.pk)
+        if acknowledge:
+            alert_acknowledge(alert_id=alert.pk, by=operator, now=at + timedelta(minutes=12))
+
+
+def _history(nodes, endpoints, now: datetime, days: int, minute_hours: int, rng: random.Random) -> None:
     gpus = list(Gpu.objects.filter(node__in=nodes).select_related("node"))
     start_hour = (now - timedelta(days=days)).replace(minute=0)
     hours = [start_hour + timedelta(hours=h) for h in range(days * 24 + 1) if start_hour + timedelta(hours=h) < now]
-    minutes = [now - timedelta(minutes=m) for m in range(24 * 60, 0, -1)]
-    noise = {h: rng.uniform(-1, 1) for h in hours}
+    minutes = [now - timedelta(minutes=m) for m in range(minute_hours * 60, 0, -1)]
+    day_noise = {d: rng.uniform(-1, 1) for d in range(days + 2)}
+    noise = {h: 0.6 * day_noise[(now - h).days] + 0.4 * rng.uniform(-1, 1) for h in hours}
     hour_rows, minute_rows = [], []
     for gpu in gpus:
         model = GPU_MODELS["H100" if "H100" in gpu.name else "A100"]
         bias = rng.uniform(0.8, 1.1)
         for ts in hours:
-            hour_rows.append(_gpu_row(gpu, model, ts, 3600.0, load_at(ts, noise[ts]) * bias, rng))
+            hour_rows.append(_gpu_row(gpu, model, ts, 3600.0, load_at(ts, noise[ts], now) * bias, rng))
         for ts in minutes:
             hour_key = ts.replace(minute=0)
             minute_rows.append(_gpu_row(gpu, model, ts, 60.0,
-                                        load_at(ts, noise.get(hour_key, 0.0)) * bias, rng))
+                                        load_at(ts, noise.get(hour_key, 0.0), now) * bias, rng))
     insert_rows(GpuHour, hour_rows)
     insert_rows(GpuMinute, minute_rows)
+    # The grid shows current readings before the first agent batch: take each GPU's last seeded minute.
+    latest = {row["gpu_id"]: row for row in minute_rows}
+    for gpu in gpus:
+        row = latest[gpu.pk]
+        gpu.current_util, gpu.current_power_w, gpu.current_temp_c = row["util_mean"], row["power_mean_w"], row[
+            "temp_max_c"]
+        gpu.current_memory_used_mib, gpu.current_at = row["memory_used_mib_max"], row["ts"]
+    Gpu.objects.bulk_update(gpus, ["current_util", "current_power_w", "current_temp_c", "current_memory_used_mib",
+                                   "current_at"])
     usage_hours, usage_minutes = [], []
     for endpoint, gpu_count, tps in endpoints:
         for ts in hours:
-            usage_hours.append(_usage_row(endpoint, ts, 3600, load_at(ts, noise[ts]), gpu_count, tps, rng))
+            usage_hours.append(_usage_row(endpoint, ts, 3600, load_at(ts, noise[ts], now), gpu_count, tps, rng))
         for ts in minutes:
-            usage_minutes.append(_usage_row(endpoint, ts, 60,
-                                            load_at(ts, noise.get(ts.replace(minute=0), 0.0)), gpu_count, tps, rng))
+            load = load_at(ts, noise.get(ts.replace(minute=0), 0.0), now)
+            usage_minutes.append(_usage_row(endpoint, ts, 60, load, gpu_count, tps, rng))
     insert_rows(UsageHour, usage_hours)
     insert_rows(UsageMinute, usage_minutes)
+    rollup_site_hours(hours=hours)
+    cost_hours_attribute(hours=hours)
 
 
 def _gpu_row(gpu: Gpu, model, ts: datetime, seconds: float, util: float, rng: random.Random):
@@ -217,7 +311,7 @@ def _gpu_row(gpu: Gpu, model, ts: datetime, seconds: float, util: float, rng: ra
     return {
         "gpu_id": gpu.pk, "ts": ts, "seconds": seconds, "util_mean": round(util * 100, 2),
         "util_max": round(min(100.0, util * 100 + rng.uniform(3, 12)), 2), "mem_util_mean": round(util * 55, 2),
-        "memory_used_mib_max": int(model.memory_mib * (0.55 + 0.35 * util)), "power_mean_w": round(power, 1),
+        "memory_used_mib_max": int(model.memory_mib * 0.88), "power_mean_w": round(power, 1),
         "energy_mj": int(power * seconds * 1000), "temp_max_c": round(34 + 40 * util + rng.uniform(0, 4), 1),
     }
 
@@ -261,4 +355,9 @@ def write_agent_configs(nodes: list[Node], credentials: dict[str, str], agents_d
             f"mig = {'true' if mig else 'false'}\n"
             f"seed = {SIM_SEED}\n"
             "load = 0.78\n"
+            f'driver_version = "{node.driver_version}"\n'
+            + "".join(
+                f'\n[[targets]]\nurl = "{t.url}"\nengine = "{t.engine}"\nmodel = "{t.model}"\n'
+                for t in ScrapeTarget.objects.filter(node=node).order_by("url")
+            )
         )

@@ -48,6 +48,12 @@ def enrollment_token_create(
     return token, key.value
 
 
+def enrollment_token_revoke(*, token_id: int, now: datetime | None = None) -> bool:
+    """Expire an unused enrollment token at once (node_enroll refuses it from then on). False when it was used."""
+    return bool(EnrollmentToken.objects.filter(pk=token_id, used_at__isnull=True).update(
+        expires_at=now or timezone.now()))
+
+
 def node_enroll(*, token_value: str, host: dict, now: datetime | None = None) -> Enrolled:
     """Trade a one-time enrollment token for a node credential. Re-enrolling a hostname keeps the node's history
     and revokes its previous credentials."""

@@ -2,35 +2,68 @@ from datetime import timedelta
 
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
+from django.utils import timezone
+from django.views.decorators.cache import cache_control
+from django.views.decorators.http import condition
 
 from portal.accounts.access import operator_admin_required, operator_required
+from portal.capacity.selectors import holders_by_unit
+from portal.economics.charts import node_charts
+from portal.economics.selectors import (
+    costs_by_currency,
+    node_cost,
+    site_costs,
+    tokens_per_second_now,
+    utilization_over,
+)
 from portal.fleet.forms import EnrollmentTokenForm
 from portal.fleet.models import Node, NodeStatus, Site
 from portal.fleet.selectors import (
     fleet_grid,
     fleet_headline,
+    fleet_version,
     gpu_models,
     node_detail,
     node_health_events,
     recent_enrollment_tokens,
 )
 from portal.fleet.services import enrollment_token_create
+from portal.telemetry.selectors import RANGES, node_series
+from portal.tenants.models import Tenant, TenantStatus
+
+
+def _overview_etag(request: HttpRequest) -> str:
+    """Changes whenever a batch arrives, an alert moves or the fleet changes; a poll that finds it unchanged gets
+    a 304 without rendering anything."""
+    return fleet_version() + ":" + request.get_full_path()
 
 
 @operator_required
+@cache_control(private=True, no_cache=True)
+@condition(etag_func=_overview_etag)
 def overview(request: HttpRequest) -> HttpResponse:
     filters = {
         "site_id": int(request.GET["site"]) if request.GET.get("site", "").isdigit() else None,
         "status": request.GET.get("status") if request.GET.get("status") in NodeStatus.values else None,
         "gpu_name": request.GET.get("gpu") or None,
+        "tenant_id": int(request.GET["tenant"]) if request.GET.get("tenant", "").isdigit() else None,
     }
+    now = timezone.now()
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    periods_today = site_costs(start=today, end=now)
     context = {
-        "headline": fleet_headline(),
+        "headline": fleet_headline(now=now),
+        "util_24h": utilization_over(start=now - timedelta(hours=24), end=now),
+        "tokens_per_s": tokens_per_second_now(now=now),
+        "cost_today": costs_by_currency(periods_today),
+        "cost_month": costs_by_currency(site_costs(start=today.replace(day=1), end=now)),
+        "energy_today_kwh": sum(p.cost.energy_kwh for p in periods_today),
         "grids": fleet_grid(**filters),
         "filters": filters,
         "sites": Site.objects.all(),
         "statuses": NodeStatus.choices,
         "gpu_models": gpu_models(),
+        "tenants": Tenant.objects.filter(status=TenantStatus.ACTIVE),
     }
     template = "fleet/overview.html#live" if request.htmx else "fleet/overview.html"
     return render(request, template, context)
@@ -42,7 +75,20 @@ def node_page(request: HttpRequest, node_id: int) -> HttpResponse:
         node = node_detail(node_id=node_id)
     except Node.DoesNotExist:
         raise Http404("No such node") from None
-    return render(request, "fleet/node.html", {"node": node, "events": node_health_events(node=node)})
+    range_key = request.GET.get("range") if request.GET.get("range") in RANGES else "24h"
+    now = timezone.now()
+    context = {
+        "node": node,
+        "holders": holders_by_unit(gpu_ids=[g.pk for g in node.gpus.all()], at=now),
+        "range": RANGES[range_key],
+        "ranges": RANGES.values(),
+        "charts": node_charts(node_series(node=node, range_key=range_key, now=now)),
+    }
+    if request.htmx:
+        return render(request, "fleet/node.html#charts", context)
+    context["events"] = node_health_events(node=node)
+    context["cost_30d"] = node_cost(node=node, start=now - timedelta(days=30), end=now)
+    return render(request, "fleet/node.html", context)
 
 
 @operator_admin_required

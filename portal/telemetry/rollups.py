@@ -12,6 +12,7 @@ from django.db.models import Count, F, Max, Q, Sum
 from django.db.models.functions import TruncHour, TruncMinute
 from django.utils import timezone
 
+from portal.economics.services import cost_hours_attribute
 from portal.fleet.models import Gpu, NodeStatus
 from portal.telemetry import histograms
 from portal.telemetry.models import (
@@ -156,6 +157,8 @@ def rollup_hours(*, now: datetime | None = None) -> int:
             hours.update(row.ts for row in gpu_rows)
             hours.update(row.ts for row in usage_rows)
         written += rollup_site_hours(hours=sorted(hours))
+        # Attribution reads the GPU hours just written; same transaction, so pages never see one without the other.
+        written += cost_hours_attribute(hours=sorted(hours))
         _set_watermark("hour", until)
     return written
 

@@ -1,4 +1,8 @@
+from decimal import ROUND_HALF_UP, Decimal
+from html import escape
+
 from django import template
+from django.utils.safestring import mark_safe
 
 register = template.Library()
 
@@ -17,3 +21,63 @@ def util_class(value: float | None) -> str:
     if value is None:
         return "nodata"
     return f"u{min(10, max(0, round(value / 10)))}"
+
+
+@register.filter
+def money(value: Decimal | None, currency: str = "") -> str:
+    """Currency amount: four decimals below 10 (per-token prices are small), two with separators above."""
+    if value is None:
+        return "—"
+    places = "0.0001" if abs(value) < 10 else "0.01"
+    amount = value.quantize(Decimal(places), rounding=ROUND_HALF_UP)
+    return f"{currency} {amount:,}".strip()
+
+
+@register.filter
+def ratio_pct(value: float | None) -> str:
+    """A 0..1 ratio as a percentage."""
+    if value is None:
+        return "—"
+    return f"{value * 100:.1f}%"
+
+
+@register.filter
+def intcomma_safe(value) -> str:
+    if value is None or value == "—":
+        return "—"
+    return f"{int(value):,}"
+
+
+@register.simple_tag
+def holder(holders: dict, gpu_id: int, mig_id: int | None) -> str:
+    """The tenant holding a unit now, or "free"."""
+    tenant = holders.get((gpu_id, mig_id))
+    return tenant.name if tenant else "free"
+
+
+@register.filter
+def signed_pct(value: float | None) -> str:
+    """A relative change as a signed percentage, with a typographic minus for decreases: -0.4 gives -40.0%."""
+    if value is None:
+        return "—"
+    sign = "+" if value > 0 else "\u2212" if value < 0 else ""
+    return f"{sign}{abs(value) * 100:.1f}%"
+
+
+@register.simple_tag
+def gpu_cells(gpus) -> str:
+    """The grid cells of a node's GPUs, built with plain string formatting: through the template engine (or
+    format_html per cell) the 10,000 cells of a large fleet cost most of the page's time. Every string that came
+    from an agent is escaped; the rest are numbers and our own class names."""
+    cells = []
+    for gpu in gpus:
+        title = f"GPU {gpu.index} · {gpu.name} · {pct(gpu.util)} utilization"
+        if gpu.temp is not None:
+            title += f" · {gpu.temp:.0f} °C"
+        mig = ""
+        if gpu.mig_slices:
+            slices = "".join(f'<span class="slice s{n}" title="MIG {escape(p)}"></span>' for p, n in gpu.mig_slices)
+            mig = f'<div class="mig">{slices}</div>'
+        util = "" if gpu.util is None else gpu.util
+        cells.append(f'<div class="gpu {util_class(gpu.util)}" title="{escape(title)}" data-util="{util}">{mig}</div>')
+    return mark_safe("".join(cells))  # noqa: S308 - agent-supplied strings are escaped above

@@ -1,0 +1,182 @@
+"""Dashboard benchmark: server time of the fleet page, a node page and the economics page on a 10,000-GPU fleet
+with 30 days of history in PostgreSQL, beside the raw SQL of the same aggregate, in one run.
+
+    .venv/bin/python benchmarks/bench_dashboard.py [--gpus 10000] [--days 30] [--requests 30]
+
+1. Creates a fresh database (tokenmill_bench_dash), migrates it, and seeds GPUS/8 nodes over 4 sites with a tenant
+   deployment per node, GpuHour and UsageHour for DAYS days (COPY), SiteHour for every hour, the minute tier for the
+   last 24 h of the measured node, and cost attribution (CostHour) for the last 7 days.
+2. Times each page through Django's test client in this process (server time: view, queries, template; no network),
+   REQUESTS times after a warm-up, and the raw SQL of the page's central aggregate the same number of times.
+3. Deletes all history older than 3 days and times the pages again: a page whose time does not grow with history
+   shows a ratio near 1.
+4. Drops the database, even on error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DB = "tokenmill_bench_dash"
+PG = "postgres://postgres@127.0.0.1:5432"
+
+
+def psql(sql: str) -> None:
+    subprocess.run(["psql", f"{PG}/postgres", "-qc", sql], check=True, capture_output=True)
+
+
+def timed(fn, n: int) -> tuple[float, float]:
+    fn()
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t) * 1000)
+    samples.sort()
+    return statistics.median(samples), samples[max(0, int(len(samples) * 0.95) - 1)]
+
+
+def seed(gpus: int, days: int) -> dict:
+    from portal.capacity.models import Allocation, Deployment
+    from portal.economics.services import cost_hours_attribute
+    from portal.fleet.models import Gpu, Node, NodeStatus, ServingEndpoint, Site
+    from portal.telemetry.bulk import insert_rows
+    from portal.telemetry.models import GpuHour, GpuMinute, UsageHour
+    from portal.telemetry.rollups import rollup_site_hours
+    from portal.tenants.models import Tenant, TenantStatus
+
+    rng = random.Random(1)
+    now = datetime.now(tz=UTC).replace(second=0, microsecond=0)
+    sites = [Site.objects.create(name=f"Site {i}", slug=f"site-{i}", gpu_capex=Decimal(30000),
+                                 energy_price_kwh=Decimal("0.10")) for i in range(4)]
+    tenants = [Tenant.objects.create(name=f"Tenant {i}", slug=f"t{i}", status=TenantStatus.ACTIVE) for i in range(20)]
+    nodes = Node.objects.bulk_create(Node(site=sites[i % 4], hostname=f"node-{i:05d}", status=NodeStatus.ONLINE,
+                                          last_seen=now) for i in range(gpus // 8))
+    gpu_rows = Gpu.objects.bulk_create(
+        (Gpu(node=n, uuid=f"GPU-{n.pk:08d}-{i:04d}-0000-0000-000000000000", index=i, name="NVIDIA H100 80GB HBM3",
+             current_util=rng.uniform(0, 100), current_power_w=400.0) for n in nodes for i in range(8)),
+        batch_size=5000)
+    endpoints = ServingEndpoint.objects.bulk_create(
+        ServingEndpoint(node=n, url="http://127.0.0.1:8000/metrics", model="llama", engine="vllm", up=True)
+        for n in nodes)
+    start = (now - timedelta(days=days)).replace(minute=0)
+    Allocation.objects.bulk_create(
+        Allocation(tenant=tenants[g.node_id % 20], gpu=g, slot_lo=0, slot_hi=1000, starts_at=start)
+        for g in gpu_rows if g.index < 6)
+    Deployment.objects.bulk_create(
+        Deployment(tenant=tenants[n.pk % 20], name=f"d{n.pk}", model_name="llama", engine="vllm", node=n,
+                   metrics_url="http://127.0.0.1:8000/metrics", active_from=start) for n in nodes)
+    hours = [start + timedelta(hours=h) for h in range(days * 24) if start + timedelta(hours=h) < now]
+    for i in range(0, len(gpu_rows), 500):
+        insert_rows(GpuHour, [{"gpu_id": g.pk, "ts": ts, "seconds": 3600.0, "util_mean": 55.0, "util_max": 90.0,
+                               "mem_util_mean": 30.0, "memory_used_mib_max": 70000, "power_mean_w": 450.0,
+                               "energy_mj": 1_620_000_000, "temp_max_c": 70.0}
+                              for g in gpu_rows[i:i + 500] for ts in hours])
+    for i in range(0, len(endpoints), 500):
+        insert_rows(UsageHour, [{"endpoint_id": e.pk, "ts": ts, "prompt_tokens": 60_000_000,
+                                 "generation_tokens": 20_000_000, "requests_ok": 250_000, "requests_failed": 10,
+                                 "probes": 360, "probes_up": 360} for e in endpoints[i:i + 500] for ts in hours])
+    node = nodes[0]
+    minutes = [now - timedelta(minutes=m) for m in range(24 * 60, 0, -1)]
+    insert_rows(GpuMinute, [{"gpu_id": g.pk, "ts": ts, "seconds": 60.0, "util_mean": 50.0, "util_max": 80.0,
+                             "mem_util_mean": 30.0, "memory_used_mib_max": 70000, "power_mean_w": 450.0,
+                             "energy_mj": 27_000_000, "temp_max_c": 70.0}
+                            for g in gpu_rows[:8] for ts in minutes])
+    rollup_site_hours(hours=hours)
+    cost_hours_attribute(hours=[h for h in hours if h >= now - timedelta(days=7)])
+    return {"node": node.pk, "hours": len(hours)}
+
+
+def measure(client, node_id: int, n: int) -> list[tuple[str, float, float, float, float]]:
+    from django.db import connection
+
+    def sql(statement: str):
+        def run():
+            with connection.cursor() as cursor:
+                cursor.execute(statement)
+                cursor.fetchall()
+        return run
+
+    since = (datetime.now(tz=UTC) - timedelta(days=30)).isoformat()
+    cases = [
+        ("fleet page /fleet/", lambda: client.get("/fleet/"),
+         sql("SELECT avg(current_util), count(*) FROM fleet_gpu g JOIN fleet_node n ON n.id = g.node_id "
+             "WHERE n.status = 'online'")),
+        ("node page, 24 h charts", lambda: client.get(f"/fleet/nodes/{node_id}/?range=24h"),
+         sql(f"SELECT gpu_id, ts, util_mean FROM telemetry_gpuminute WHERE gpu_id IN (SELECT id FROM fleet_gpu "
+             f"WHERE node_id = {node_id}) AND ts >= now() - interval '24 hours' ORDER BY gpu_id, ts")),
+        ("node page, 30 d charts", lambda: client.get(f"/fleet/nodes/{node_id}/?range=30d"),
+         sql(f"SELECT gpu_id, ts, util_mean FROM telemetry_gpuhour WHERE gpu_id IN (SELECT id FROM fleet_gpu "
+             f"WHERE node_id = {node_id}) AND ts >= now() - interval '30 days' ORDER BY gpu_id, ts")),
+        ("economics chart (site tier, 30 d)", lambda: client.get("/economics/?period=30d"),
+         sql(f"SELECT site_id, date_trunc('day', ts), sum(energy_mj), sum(prompt_tokens + generation_tokens) "
+             f"FROM telemetry_sitehour WHERE ts >= '{since}' GROUP BY 1, 2")),
+    ]
+    out = []
+    for name, page, raw in cases:
+        status = page().status_code
+        assert status == 200, (name, status)
+        p50, p95 = timed(page, n)
+        r50, r95 = timed(raw, n)
+        out.append((name, p50, p95, r50, r95))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpus", type=int, default=10_000)
+    parser.add_argument("--days", type=int, default=30)
+    parser.add_argument("--requests", type=int, default=30)
+    args = parser.parse_args()
+    psql(f"DROP DATABASE IF EXISTS {DB}")
+    psql(f"CREATE DATABASE {DB}")
+    os.environ.update(DATABASE_URL=f"{PG}/{DB}", DEBUG="0", DJANGO_SETTINGS_MODULE="portal.settings")
+    sys.path.insert(0, str(REPO))
+    try:
+        import django
+
+        django.setup()
+        from django.core.management import call_command
+        from django.test import Client
+
+        from portal.accounts.models import OperatorRole, User
+
+        call_command("migrate", verbosity=0)
+        t = time.perf_counter()
+        info = seed(args.gpus, args.days)
+        print(f"seeded {args.gpus:,} GPUs x {info['hours']} hours in {time.perf_counter() - t:.0f} s")
+        user = User.objects.create_user(username="bench", email="b@example.com", operator_role=OperatorRole.ADMIN)
+        client = Client(HTTP_HOST="127.0.0.1")
+        client.force_login(user)
+        full = measure(client, info["node"], args.requests)
+        from django.db import connection
+
+        with connection.cursor() as cursor:
+            for table in ("telemetry_gpuhour", "telemetry_usagehour", "telemetry_sitehour", "economics_costhour"):
+                cursor.execute(f"DELETE FROM {table} WHERE ts < now() - interval '3 days'")
+            cursor.execute("VACUUM ANALYZE")
+        short = measure(client, info["node"], args.requests)
+        print(f"\n{'case':38} {'p50 ms':>8} {'p95 ms':>8} {'raw SQL p50':>12} {'page/raw':>9} "
+              f"{'p95, 3 d history':>17} {'30 d / 3 d':>11}")
+        for (name, p50, p95, r50, _r95), (_n, _s50, s95, _q50, _q95) in zip(full, short, strict=True):
+            print(f"{name:38} {p50:8.1f} {p95:8.1f} {r50:12.2f} {p50 / r50:9.1f} {s95:17.1f} {p95 / s95:11.2f}")
+    finally:
+        from django.db import connections
+
+        connections.close_all()
+        psql(f"DROP DATABASE IF EXISTS {DB}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

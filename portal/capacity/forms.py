@@ -1,0 +1,46 @@
+from django import forms
+from django.utils import timezone
+
+from portal.capacity.models import Deployment
+from portal.fleet.models import Gpu, MigInstance, Node
+from portal.tenants.models import Tenant, TenantStatus
+
+
+class AllocationForm(forms.Form):
+    tenant = forms.ModelChoiceField(queryset=Tenant.objects.filter(status=TenantStatus.ACTIVE))
+    gpu = forms.ModelChoiceField(queryset=Gpu.objects.select_related("node").order_by("node__hostname", "index"),
+                                 label="GPU")
+    mig_instance = forms.ModelChoiceField(queryset=MigInstance.objects.select_related("gpu__node"), required=False,
+                                          label="MIG instance (blank: the whole GPU)")
+    starts_at = forms.DateTimeField(initial=timezone.now, label="From (UTC)")
+    ends_at = forms.DateTimeField(required=False, label="Until (UTC, blank: open-ended)")
+
+    def clean(self):
+        data = super().clean()
+        mig, gpu = data.get("mig_instance"), data.get("gpu")
+        if mig and gpu and mig.gpu_id != gpu.pk:
+            self.add_error("mig_instance", "This MIG instance is not on the chosen GPU.")
+        if data.get("ends_at") and data.get("starts_at") and data["ends_at"] <= data["starts_at"]:
+            self.add_error("ends_at", "Must be after the start.")
+        return data
+
+
+class DeclineForm(forms.Form):
+    reason = forms.CharField(max_length=500, widget=forms.Textarea(attrs={"rows": 2}))
+
+
+class DeploymentForm(forms.Form):
+    tenant = forms.ModelChoiceField(queryset=Tenant.objects.filter(status=TenantStatus.ACTIVE))
+    node = forms.ModelChoiceField(queryset=Node.objects.order_by("hostname"))
+    name = forms.CharField(max_length=120)
+    model_name = forms.CharField(max_length=200, label="Model")
+    engine = forms.ChoiceField(choices=Deployment.Engine.choices)
+    metrics_url = forms.URLField(max_length=500, label="Metrics URL on the node", assume_scheme="http",
+                                 help_text="e.g. http://127.0.0.1:8000/metrics")
+    precision = forms.CharField(max_length=32, required=False, help_text="e.g. bf16, fp8, int4-awq")
+    kv_cache_dtype = forms.CharField(max_length=32, required=False, label="KV-cache dtype")
+    speculative_decoding = forms.CharField(max_length=64, required=False, help_text="e.g. eagle3, ngram")
+
+    def engine_settings(self) -> dict:
+        return {k: self.cleaned_data[k] for k in ("precision", "kv_cache_dtype", "speculative_decoding")
+                if self.cleaned_data.get(k)}

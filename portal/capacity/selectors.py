@@ -1,0 +1,224 @@
+"""Reads for capacity and tenant usage. Every tenant-facing read goes through tenant-scoped functions here or in
+portal/tenants/selectors.py, keyed by the tenant the request resolved (never by an id from the URL alone)."""
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.db.models import Q, QuerySet, Sum
+from django.db.models.functions import TruncDay
+from django.utils import timezone
+
+from portal.capacity.models import WHOLE_GPU_SLOTS, Allocation, CapacityRequest, Deployment
+from portal.fleet.models import Gpu, MigInstance, NodeStatus, ServingEndpoint
+from portal.telemetry.models import UsageHour, UsageMinute
+from portal.tenants.models import Tenant
+
+
+def allocations_at(*, at: datetime) -> QuerySet[Allocation]:
+    return Allocation.objects.filter(Q(ends_at__isnull=True) | Q(ends_at__gt=at), starts_at__lte=at)
+
+
+def tenant_allocations(*, tenant: Tenant, at: datetime | None = None) -> QuerySet[Allocation]:
+    at = at or timezone.now()
+    return (Allocation.objects.filter(tenant=tenant).filter(Q(ends_at__isnull=True) | Q(ends_at__gt=at))
+            .select_related("gpu__node__site", "mig_instance").order_by("gpu__node__hostname", "gpu__index"))
+
+
+def tenant_deployments(*, tenant: Tenant) -> QuerySet[Deployment]:
+    return Deployment.objects.filter(tenant=tenant).select_related("node").order_by("ended_at", "name")
+
+
+def tenant_capacity_requests(*, tenant: Tenant) -> QuerySet[CapacityRequest]:
+    return CapacityRequest.objects.filter(tenant=tenant).order_by("-created_at")
+
+
+def holders_by_unit(*, gpu_ids: list[int], at: datetime | None = None) -> dict[tuple[int, int | None], Tenant]:
+    """Who holds each GPU (key (gpu_id, None)) or MIG instance (key (gpu_id, mig_id)) at `at`."""
+    at = at or timezone.now()
+    return {
+        (a.gpu_id, a.mig_instance_id): a.tenant
+        for a in allocations_at(at=at).filter(gpu_id__in=gpu_ids).select_related("tenant")
+    }
+
+
+@dataclass
+class _Window:
+    endpoint_ids: list[int]
+    start: datetime
+    end: datetime
+    model: str
+
+
+def _windows(deployments: list[Deployment], start: datetime, end: datetime) -> list[_Window]:
+    """Each deployment's endpoints and the part of [start, end) in which their usage belongs to the tenant."""
+    by_node_url = defaultdict(list)
+    for pk, node_id, url in ServingEndpoint.objects.filter(
+            node_id__in={d.node_id for d in deployments}).values_list("pk", "node_id", "url"):
+        by_node_url[(node_id, url)].append(pk)
+    windows = []
+    for d in deployments:
+        lo, hi = max(start, d.active_from), min(end, d.ended_at or end)
+        ids = by_node_url.get((d.node_id, d.metrics_url), [])
+        if lo < hi and ids:
+            windows.append(_Window(endpoint_ids=ids, start=lo, end=hi, model=d.model_name))
+    return windows
+
+
+def _hour_floor(ts: datetime) -> datetime:
+    return ts.replace(minute=0, second=0, microsecond=0)
+
+
+def _hour_ceil(ts: datetime) -> datetime:
+    floor = _hour_floor(ts)
+    return floor if floor == ts else floor + timedelta(hours=1)
+
+
+def usage_rows(*, endpoint_ids: list[int], start: datetime, end: datetime, now: datetime | None = None):
+    """Usage of endpoints over [start, end), as (day, endpoint_id, prompt, generation, ok, failed) sums per day:
+    whole past hours from the hour tier, the edges and the current hour from the minute tier."""
+    now = now or timezone.now()
+    current_hour = _hour_floor(now)
+    hours_lo, hours_hi = _hour_ceil(start), min(_hour_floor(end), current_hour)
+    parts = []
+    if hours_lo < hours_hi:
+        parts.append((UsageHour, hours_lo, hours_hi))
+        parts.append((UsageMinute, start, hours_lo))
+        parts.append((UsageMinute, hours_hi, end))
+    else:
+        parts.append((UsageMinute, start, end))
+    for model, lo, hi in parts:
+        if lo >= hi:
+            continue
+        yield from (
+            model.objects.filter(endpoint_id__in=endpoint_ids, ts__gte=lo, ts__lt=hi)
+            .annotate(day=TruncDay("ts")).values("day", "endpoint_id")
+            .annotate(p=Sum("prompt_tokens"), g=Sum("generation_tokens"), ok=Sum("requests_ok"),
+                      failed=Sum("requests_failed"))
+            .values_list("day", "endpoint_id", "p", "g", "ok", "failed")
+        )
+
+
+@dataclass
+class UsageLine:
+    model: str
+    day: datetime | None
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    requests_ok: int = 0
+    requests_failed: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.generation_tokens
+
+
+def usage_for_tenant(*, tenant: Tenant, start: datetime, end: datetime, by_day: bool = True,
+                     now: datetime | None = None) -> list[UsageLine]:
+    """The tenant's token and request usage over [start, end), per model (and day): usage of its deployments'
+    endpoints while each deployment was live. Exact integers, as the agents reported them."""
+    lines: dict[tuple[str, datetime | None], UsageLine] = {}
+    deployments = list(Deployment.objects.filter(tenant=tenant))
+    for window in _windows(deployments, start, end):
+        for day, _endpoint, p, g, ok, failed in usage_rows(endpoint_ids=window.endpoint_ids, start=window.start,
+                                                          end=window.end, now=now):
+            key = (window.model, day if by_day else None)
+            line = lines.setdefault(key, UsageLine(model=window.model, day=key[1]))
+            line.prompt_tokens += p or 0
+            line.generation_tokens += g or 0
+            line.requests_ok += ok or 0
+            line.requests_failed += failed or 0
+    return sorted(lines.values(), key=lambda ln: (ln.day or start, ln.model))
+
+
+@dataclass
+class CapacityRow:
+    site: str
+    gpu_type: str
+    total: float = 0.0
+    allocated: float = 0.0
+    busy: float = 0.0
+    committed: float = 0.0
+    allocated_idle: float = 0.0
+
+    @property
+    def free(self) -> float:
+        return self.total - self.allocated
+
+    @property
+    def idle_share_of_allocated(self) -> float | None:
+        return self.allocated_idle / self.allocated if self.allocated else None
+
+
+def capacity_overview(*, now: datetime | None = None) -> list[CapacityRow]:
+    """Per site and GPU model, in whole-GPU equivalents (MIG instances count slices/7): installed, allocated now,
+    actually busy (latest utilization), committed to start later, and allocated-but-idle."""
+    now = now or timezone.now()
+    rows: dict[tuple[str, str], CapacityRow] = {}
+    gpus = {g.pk: g for g in Gpu.objects.exclude(node__status=NodeStatus.DECOMMISSIONED).select_related("node__site")}
+    for gpu in gpus.values():
+        row = rows.setdefault((gpu.node.site.name, gpu.name), CapacityRow(site=gpu.node.site.name, gpu_type=gpu.name))
+        row.total += 1
+        row.busy += (gpu.current_util or 0) / 100
+    held = Allocation.objects.filter(gpu_id__in=gpus).filter(Q(ends_at__isnull=True) | Q(ends_at__gt=now))
+    for a in held.select_related("mig_instance"):
+        gpu = gpus[a.gpu_id]
+        row = rows[(gpu.node.site.name, gpu.name)]
+        share = a.gpu_share
+        if a.starts_at <= now:
+            row.allocated += share
+            row.allocated_idle += share * (1 - (gpu.current_util or 0) / 100)
+        else:
+            row.committed += share
+    return sorted(rows.values(), key=lambda r: (r.site, r.gpu_type))
+
+
+@dataclass(frozen=True)
+class Proposal:
+    gpu: Gpu
+    mig_instance: MigInstance | None
+
+
+def placement_propose(*, gpu_type: str, count: int, mig_profile: str = "", starts_at: datetime,
+                      ends_at: datetime | None = None) -> list[Proposal]:
+    """Free units matching the request, preferring nodes that are already partly allocated (fill them before
+    opening empty ones), then the fullest first. Fewer than `count` when the fleet cannot serve it."""
+    busy = Allocation.objects.filter(starts_at__lt=ends_at or datetime.max.replace(tzinfo=starts_at.tzinfo)).filter(
+        Q(ends_at__isnull=True) | Q(ends_at__gt=starts_at))
+    taken: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for gpu_id, lo, hi in busy.values_list("gpu_id", "slot_lo", "slot_hi"):
+        taken[gpu_id].append((lo, hi))
+    gpus = list(Gpu.objects.filter(name=gpu_type, node__status=NodeStatus.ONLINE).select_related("node")
+                .prefetch_related("mig_instances").order_by("node__hostname", "index"))
+    used_per_node: dict[int, int] = defaultdict(int)
+    for gpu in gpus:
+        if taken.get(gpu.pk):
+            used_per_node[gpu.node_id] += 1
+
+    def free(gpu: Gpu, lo: int, hi: int) -> bool:
+        return all(hi <= a or b <= lo for a, b in taken.get(gpu.pk, []))
+
+    candidates = []
+    for gpu in gpus:
+        if mig_profile:
+            candidates += [Proposal(gpu, m) for m in gpu.mig_instances.all()
+                           if m.profile == mig_profile and free(gpu, m.gi_id, m.gi_id + 1)]
+        elif not gpu.mig_mode and free(gpu, *WHOLE_GPU_SLOTS):
+            candidates.append(Proposal(gpu, None))
+    candidates.sort(key=lambda p: (used_per_node[p.gpu.node_id] == 0, -used_per_node[p.gpu.node_id],
+                                   p.gpu.node.hostname, p.gpu.index))
+    return candidates[:count]
+
+
+def tenant_gpus_held(*, tenant: Tenant, at: datetime | None = None) -> float:
+    """Whole-GPU equivalents the tenant holds now (MIG instances count slices/7)."""
+    held = allocations_at(at=at or timezone.now()).filter(tenant=tenant).select_related("mig_instance")
+    return sum(a.gpu_share for a in held)
+
+
+def tenant_usage_last_minute(*, tenant: Tenant, now: datetime | None = None) -> int:
+    """Tokens (input + output) the tenant used in the last complete, rolled-up minute."""
+    now = now or timezone.now()
+    end = now.replace(second=0, microsecond=0) - timedelta(minutes=1)
+    return sum(line.tokens for line in usage_for_tenant(tenant=tenant, start=end - timedelta(minutes=1), end=end,
+                                                        by_day=False, now=now))

@@ -1,0 +1,199 @@
+from datetime import datetime
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from portal.accounts.models import User
+from portal.alerts.models import Severity
+from portal.alerts.services import alert_raise, alert_resolve_key
+from portal.capacity.models import (
+    WHOLE_GPU_SLOTS,
+    Allocation,
+    CapacityRequest,
+    Deployment,
+    Quota,
+    RequestStatus,
+)
+from portal.capacity.selectors import tenant_gpus_held, tenant_usage_last_minute
+from portal.economics.tasks import reattribute_costs
+from portal.fleet.models import Gpu, MigInstance, Node, ScrapeTarget
+from portal.fleet.services import node_set_scrape_targets
+from portal.tenants.models import Tenant, TenantStatus
+
+
+class CapacityError(Exception):
+    """A capacity change that cannot be made; the message says why and is safe to show."""
+
+
+def allocation_create(
+    *, tenant: Tenant, gpu: Gpu, mig_instance: MigInstance | None = None, starts_at: datetime,
+    ends_at: datetime | None = None, by: User | None = None, request: CapacityRequest | None = None,
+) -> Allocation:
+    """Give `tenant` a whole GPU (or one of its MIG instances) over [starts_at, ends_at). The database refuses an
+    overlap with another allocation of the same unit; that refusal becomes a CapacityError."""
+    if tenant.status != TenantStatus.ACTIVE:
+        raise CapacityError(f"{tenant} is not active")
+    if ends_at is not None and ends_at <= starts_at:
+        raise CapacityError("the allocation must end after it starts")
+    if mig_instance is not None and mig_instance.gpu_id != gpu.pk:
+        raise CapacityError("the MIG instance is not on that GPU")
+    slots = (mig_instance.gi_id, mig_instance.gi_id + 1) if mig_instance else WHOLE_GPU_SLOTS
+    unit = f"MIG {mig_instance.profile} (GI {mig_instance.gi_id})" if mig_instance else "the whole GPU"
+    try:
+        with transaction.atomic():
+            # Two allocations of one GPU at once would each wait on the other's row in the exclusion check and
+            # deadlock; locking the GPU first orders them, so the second meets the constraint's clear refusal.
+            Gpu.objects.select_for_update().filter(pk=gpu.pk).values_list("pk", flat=True).first()
+            allocation = Allocation.objects.create(
+                tenant=tenant, gpu=gpu, mig_instance=mig_instance, slot_lo=slots[0], slot_hi=slots[1],
+                starts_at=starts_at, ends_at=ends_at, created_by=by, request=request,
+            )
+    except IntegrityError as exc:
+        if "allocation_no_overlap" not in str(exc):
+            raise
+        raise CapacityError(
+            f"{unit} of GPU {gpu.index} on {gpu.node} is already allocated for part of that period"
+        ) from None
+    _reattribute_past(starts_at, ends_at)
+    return allocation
+
+
+def _reattribute_past(start: datetime, end: datetime | None) -> None:
+    """An allocation change that reaches into the past changes who paid for those hours: recompute them."""
+    now = timezone.now()
+    if start < now:
+        span = (start.isoformat(), min(end or now, now).isoformat())
+        transaction.on_commit(lambda: reattribute_costs.delay(*span))
+
+
+def allocation_end(*, allocation: Allocation, at: datetime | None = None) -> Allocation | None:
+    """End an allocation now (or at `at`). One that had not started yet is withdrawn: nothing was held."""
+    at = at or timezone.now()
+    if allocation.ends_at is not None and allocation.ends_at <= at:
+        raise CapacityError("the allocation has already ended")
+    if at <= allocation.starts_at:
+        allocation.delete()
+        return None
+    allocation.ends_at = at
+    allocation.save(update_fields=["ends_at"])
+    _reattribute_past(at, None)
+    return allocation
+
+
+def allocations_release_node(*, node: Node, at: datetime | None = None) -> int:
+    """End every current or future allocation on a node's GPUs (decommissioning)."""
+    at = at or timezone.now()
+    released = 0
+    for allocation in Allocation.objects.filter(gpu__node=node).exclude(ends_at__lte=at):
+        allocation_end(allocation=allocation, at=at)
+        released += 1
+    return released
+
+
+def capacity_request_create(
+    *, tenant: Tenant, by: User | None, model_name: str, gpu_type: str, count: int, mig_profile: str = "",
+    starts_at: datetime, note: str = "",
+) -> CapacityRequest:
+    if count < 1:
+        raise CapacityError("count must be at least 1")
+    return CapacityRequest.objects.create(
+        tenant=tenant, requested_by=by, model_name=model_name, gpu_type=gpu_type, count=count,
+        mig_profile=mig_profile, starts_at=starts_at, note=note,
+    )
+
+
+def capacity_request_fulfil(
+    *, request: CapacityRequest, units: list[tuple[Gpu, MigInstance | None]], by: User | None,
+    ends_at: datetime | None = None,
+) -> list[Allocation]:
+    """Allocate the chosen units for the request, all or none."""
+    if request.status != RequestStatus.OPEN:
+        raise CapacityError(f"the request is {request.get_status_display().lower()}")
+    if len(units) != request.count:
+        raise CapacityError(f"the request is for {request.count} unit(s); {len(units)} chosen")
+    with transaction.atomic():
+        allocations = [
+            allocation_create(tenant=request.tenant, gpu=gpu, mig_instance=mig, starts_at=request.starts_at,
+                              ends_at=ends_at, by=by, request=request)
+            for gpu, mig in units
+        ]
+        request.status = RequestStatus.FULFILLED
+        request.decided_at, request.decided_by = timezone.now(), by
+        request.save(update_fields=["status", "decided_at", "decided_by"])
+    return allocations
+
+
+def capacity_request_decline(*, request: CapacityRequest, by: User | None, reason: str) -> CapacityRequest:
+    if request.status != RequestStatus.OPEN:
+        raise CapacityError(f"the request is {request.get_status_display().lower()}")
+    request.status, request.decision_note = RequestStatus.DECLINED, reason
+    request.decided_at, request.decided_by = timezone.now(), by
+    request.save(update_fields=["status", "decision_note", "decided_at", "decided_by"])
+    return request
+
+
+def deployment_create(
+    *, tenant: Tenant, name: str, model_name: str, engine: str, node: Node, metrics_url: str,
+    allocations: list[Allocation], settings: dict | None = None, active_from: datetime | None = None,
+) -> Deployment:
+    """Record a deployment and tell the node's agent to scrape its endpoint (the ingest reply carries it)."""
+    if not allocations:
+        raise CapacityError("a deployment runs on at least one allocated unit")
+    foreign = [a for a in allocations if a.tenant_id != tenant.pk or a.gpu.node_id != node.pk]
+    if foreign:
+        raise CapacityError("every unit must be allocated to the tenant on the deployment's node")
+    with transaction.atomic():
+        try:
+            with transaction.atomic():
+                deployment = Deployment.objects.create(
+                    tenant=tenant, name=name, model_name=model_name, engine=engine, node=node,
+                    metrics_url=metrics_url, settings=settings or {}, active_from=active_from or timezone.now(),
+                )
+        except IntegrityError:
+            raise CapacityError(f"{metrics_url} on {node} already belongs to a live deployment") from None
+        deployment.allocations.set(allocations)
+        targets = list(ScrapeTarget.objects.filter(node=node).values("url", "engine", "model"))
+        if metrics_url not in {t["url"] for t in targets}:
+            node_set_scrape_targets(node=node, targets=[*targets, {"url": metrics_url, "engine": engine,
+                                                                   "model": model_name}])
+    return deployment
+
+
+def deployment_end(*, deployment: Deployment, at: datetime | None = None) -> Deployment:
+    """Stop attributing the endpoint's usage to the tenant and stop scraping it."""
+    at = at or timezone.now()
+    with transaction.atomic():
+        deployment.ended_at = at
+        deployment.save(update_fields=["ended_at"])
+        targets = ScrapeTarget.objects.filter(node=deployment.node).exclude(url=deployment.metrics_url)
+        node_set_scrape_targets(node=deployment.node, targets=list(targets.values("url", "engine", "model")))
+    return deployment
+
+
+def quota_set(*, tenant: Tenant, tokens_per_minute: int | None, gpus: int | None) -> Quota:
+    quota, _ = Quota.objects.update_or_create(tenant=tenant, defaults={"tokens_per_minute": tokens_per_minute,
+                                                                        "gpus": gpus})
+    return quota
+
+
+def quotas_check(*, now: datetime | None = None) -> list[str]:
+    """Alert on every tenant over a quota (tokens in the last rolled-up minute, GPUs held now); resolve the alert
+    once it is back under. Idempotent; returns the keys of open quota alerts."""
+    now = now or timezone.now()
+    over = []
+    for quota in Quota.objects.select_related("tenant").filter(tenant__status=TenantStatus.ACTIVE):
+        checks = (
+            ("tokens", quota.tokens_per_minute, tenant_usage_last_minute(tenant=quota.tenant, now=now),
+             "tokens per minute"),
+            ("gpus", quota.gpus, tenant_gpus_held(tenant=quota.tenant, at=now), "GPUs held"),
+        )
+        for name, limit, used, label in checks:
+            key = f"quota:{name}:{quota.tenant_id}"
+            if limit is not None and used > limit:
+                alert_raise(key=key, kind="quota", severity=Severity.WARNING, at=now,
+                            title=f"{quota.tenant} is over its {label} quota",
+                            detail=f"{used:,.2f} used against a quota of {limit:,}")
+                over.append(key)
+            else:
+                alert_resolve_key(key=key)
+    return over

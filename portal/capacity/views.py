@@ -1,0 +1,161 @@
+from django.contrib import messages
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
+from django.views.decorators.http import require_POST
+
+from portal.accounts.access import operator_admin_required, operator_required
+from portal.audit.services import audit_record
+from portal.capacity.forms import AllocationForm, DeclineForm, DeploymentForm
+from portal.capacity.models import Allocation, CapacityRequest, Deployment, RequestStatus
+from portal.capacity.selectors import allocations_at, capacity_overview, placement_propose
+from portal.capacity.services import (
+    CapacityError,
+    allocation_create,
+    allocation_end,
+    capacity_request_decline,
+    capacity_request_fulfil,
+    deployment_create,
+    deployment_end,
+)
+from portal.fleet.models import Gpu, MigInstance
+
+
+@operator_required
+def overview(request: HttpRequest) -> HttpResponse:
+    now = timezone.now()
+    context = {
+        "rows": capacity_overview(now=now),
+        "requests": CapacityRequest.objects.filter(status=RequestStatus.OPEN).select_related("tenant"),
+        "allocations": allocations_at(at=now).select_related("tenant", "gpu__node", "mig_instance")
+        .order_by("gpu__node__hostname", "gpu__index"),
+        "upcoming": Allocation.objects.filter(starts_at__gt=now).select_related("tenant", "gpu__node",
+                                                                                  "mig_instance"),
+        "form": AllocationForm(),
+    }
+    return render(request, "capacity/overview.html", context)
+
+
+@operator_admin_required
+@require_POST
+def allocation_new(request: HttpRequest) -> HttpResponse:
+    form = AllocationForm(request.POST)
+    if form.is_valid():
+        data = form.cleaned_data
+        try:
+            allocation = allocation_create(tenant=data["tenant"], gpu=data["gpu"], mig_instance=data["mig_instance"],
+                                           starts_at=data["starts_at"], ends_at=data["ends_at"], by=request.user)
+        except CapacityError as exc:
+            form.add_error(None, str(exc))
+        else:
+            audit_record(actor=request.user, action="allocation.create", target=allocation, tenant=data["tenant"])
+            messages.success(request, f"Allocated: {allocation}")
+            return redirect("capacity:overview")
+    now = timezone.now()
+    return render(request, "capacity/overview.html", {
+        "rows": capacity_overview(now=now), "form": form, "requests": [], "upcoming": [],
+        "allocations": allocations_at(at=now).select_related("tenant", "gpu__node", "mig_instance"),
+    }, status=400)
+
+
+@operator_admin_required
+@require_POST
+def allocation_release(request: HttpRequest, allocation_id: int) -> HttpResponse:
+    allocation = get_object_or_404(Allocation.objects.select_related("tenant"), pk=allocation_id)
+    label = str(allocation)
+    try:
+        allocation_end(allocation=allocation)
+    except CapacityError as exc:
+        messages.error(request, str(exc))
+    else:
+        audit_record(actor=request.user, action="allocation.end", target=label, tenant=allocation.tenant)
+        messages.success(request, f"Released: {label}")
+    return redirect("capacity:overview")
+
+
+@operator_required
+def request_detail(request: HttpRequest, request_id: int) -> HttpResponse:
+    capacity_request = get_object_or_404(CapacityRequest.objects.select_related("tenant"), pk=request_id)
+    proposal = placement_propose(gpu_type=capacity_request.gpu_type, count=capacity_request.count,
+                                 mig_profile=capacity_request.mig_profile, starts_at=capacity_request.starts_at)
+    return render(request, "capacity/request.html", {"req": capacity_request, "proposal": proposal,
+                                                     "decline_form": DeclineForm()})
+
+
+@operator_admin_required
+@require_POST
+def request_fulfil(request: HttpRequest, request_id: int) -> HttpResponse:
+    capacity_request = get_object_or_404(CapacityRequest.objects.select_related("tenant"), pk=request_id)
+    units = []
+    for value in request.POST.getlist("unit"):
+        gpu_id, _, mig_id = value.partition(":")
+        if not gpu_id.isdigit() or (mig_id and not mig_id.isdigit()):
+            messages.error(request, f"unit {value!r} is not a unit")
+            return redirect("capacity:request", request_id=request_id)
+        gpu = get_object_or_404(Gpu, pk=int(gpu_id))
+        units.append((gpu, get_object_or_404(MigInstance, pk=int(mig_id), gpu=gpu) if mig_id else None))
+    try:
+        allocations = capacity_request_fulfil(request=capacity_request, units=units, by=request.user)
+    except CapacityError as exc:
+        messages.error(request, str(exc))
+        return redirect("capacity:request", request_id=request_id)
+    audit_record(actor=request.user, action="capacity_request.fulfil", target=capacity_request,
+                 tenant=capacity_request.tenant, after={"allocations": [a.pk for a in allocations]})
+    messages.success(request, f"Fulfilled with {len(allocations)} allocation(s).")
+    return redirect("capacity:overview")
+
+
+@operator_admin_required
+@require_POST
+def request_decline(request: HttpRequest, request_id: int) -> HttpResponse:
+    capacity_request = get_object_or_404(CapacityRequest.objects.select_related("tenant"), pk=request_id)
+    form = DeclineForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, "A reason is required to decline.")
+        return redirect("capacity:request", request_id=request_id)
+    try:
+        capacity_request_decline(request=capacity_request, by=request.user, reason=form.cleaned_data["reason"])
+    except CapacityError as exc:
+        messages.error(request, str(exc))
+        return redirect("capacity:request", request_id=request_id)
+    audit_record(actor=request.user, action="capacity_request.decline", target=capacity_request,
+                 tenant=capacity_request.tenant, after={"reason": form.cleaned_data["reason"]})
+    return redirect("capacity:overview")
+
+
+@operator_required
+def deployments(request: HttpRequest) -> HttpResponse:
+    form = DeploymentForm(request.POST or None)
+    if request.method == "POST":
+        if not request.user.is_operator_admin:
+            return HttpResponse("Operator admins only", status=403)
+        if form.is_valid():
+            data = form.cleaned_data
+            held = list(allocations_at(at=timezone.now()).filter(tenant=data["tenant"], gpu__node=data["node"]))
+            try:
+                deployment = deployment_create(
+                    tenant=data["tenant"], name=data["name"], model_name=data["model_name"], engine=data["engine"],
+                    node=data["node"], metrics_url=data["metrics_url"], allocations=held,
+                    settings=form.engine_settings(),
+                )
+            except CapacityError as exc:
+                form.add_error(None, str(exc))
+            else:
+                audit_record(actor=request.user, action="deployment.create", target=deployment,
+                             tenant=data["tenant"])
+                messages.success(request, f"Deployment {deployment} created; the node's agent scrapes it next.")
+                return redirect("capacity:deployments")
+    listing = Deployment.objects.select_related("tenant", "node").prefetch_related("allocations")
+    return render(request, "capacity/deployments.html", {"form": form, "deployments": listing},
+                  status=400 if form.errors else 200)
+
+
+@operator_admin_required
+@require_POST
+def deployment_stop(request: HttpRequest, deployment_id: int) -> HttpResponse:
+    deployment = get_object_or_404(Deployment.objects.select_related("tenant", "node"), pk=deployment_id,
+                                   ended_at__isnull=True)
+    deployment_end(deployment=deployment)
+    audit_record(actor=request.user, action="deployment.end", target=deployment, tenant=deployment.tenant)
+    messages.success(request, f"Deployment {deployment} ended.")
+    return redirect("capacity:deployments")

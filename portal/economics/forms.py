@@ -1,0 +1,19 @@
+from decimal import Decimal
+
+from django import forms
+
+from portal.fleet.models import Site
+
+
+class WhatIfForm(forms.Form):
+    site = forms.ModelChoiceField(queryset=Site.objects.none(), empty_label=None)
+    utilization = forms.IntegerField(min_value=1, max_value=100, label="Utilization (%)",
+                                     widget=forms.NumberInput(attrs={"type": "range", "step": 1}))
+    allocation = forms.IntegerField(min_value=1, max_value=100, label="Allocated capacity (%)",
+                                    widget=forms.NumberInput(attrs={"type": "range", "step": 1}))
+    price = forms.DecimalField(min_value=Decimal("0.0001"), max_digits=10, decimal_places=4,
+                               label="Blended price per 1M tokens")
+
+    def __init__(self, *args, sites: list[Site], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["site"].queryset = Site.objects.filter(pk__in=[s.pk for s in sites])

@@ -1,0 +1,50 @@
+from django.db import models
+
+
+class CostHour(models.Model):
+    """One hour of a site's cost attributed to the tenant holding the capacity, or to idle capacity (tenant null).
+    Each GPU-hour (capex and opex per GPU-hour from the site's cost model, plus its measured energy x PUE x price)
+    goes to the tenants holding it in proportion to time held and share of the GPU (MIG: slices/7); what nobody
+    held is idle. The rows of an hour always add up to the site's cost for that hour."""
+
+    site = models.ForeignKey("fleet.Site", on_delete=models.CASCADE, related_name="+")
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, null=True, blank=True, related_name="+")
+    ts = models.DateTimeField()
+    gpu_hours = models.DecimalField(max_digits=20, decimal_places=8)
+    busy_gpu_hours = models.DecimalField(max_digits=20, decimal_places=8)
+    energy_kwh = models.DecimalField(max_digits=20, decimal_places=8)
+    capex = models.DecimalField(max_digits=20, decimal_places=8)
+    energy = models.DecimalField(max_digits=20, decimal_places=8)
+    opex = models.DecimalField(max_digits=20, decimal_places=8)
+
+    class Meta:
+        indexes = [models.Index(fields=["ts", "site"]), models.Index(fields=["tenant", "ts"])]
+
+    def __str__(self) -> str:
+        return f"{self.site_id}/{self.tenant_id or 'idle'} @ {self.ts:%Y-%m-%d %H:%M}"
+
+    @property
+    def total(self):
+        return self.capex + self.energy + self.opex
+
+
+class DeploymentHour(models.Model):
+    """One hour of a deployment: the cost of the GPU capacity its units held (the same per-GPU arithmetic as
+    CostHour) and the tokens its endpoint served while it was live. Economics pages rank deployments from it."""
+
+    deployment = models.ForeignKey("capacity.Deployment", on_delete=models.CASCADE, related_name="+")
+    ts = models.DateTimeField()
+    gpu_hours = models.DecimalField(max_digits=20, decimal_places=8)
+    busy_gpu_hours = models.DecimalField(max_digits=20, decimal_places=8)
+    energy_kwh = models.DecimalField(max_digits=20, decimal_places=8)
+    capex = models.DecimalField(max_digits=20, decimal_places=8)
+    energy = models.DecimalField(max_digits=20, decimal_places=8)
+    opex = models.DecimalField(max_digits=20, decimal_places=8)
+    prompt_tokens = models.BigIntegerField(default=0)
+    generation_tokens = models.BigIntegerField(default=0)
+
+    class Meta:
+        indexes = [models.Index(fields=["ts", "deployment"])]
+
+    def __str__(self) -> str:
+        return f"deployment {self.deployment_id} @ {self.ts:%Y-%m-%d %H:%M}"

@@ -1,0 +1,82 @@
+from datetime import timedelta
+from decimal import Decimal
+
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
+from django.utils import timezone
+
+from portal.accounts.access import operator_required
+from portal.economics import charts
+from portal.economics.forms import WhatIfForm
+from portal.economics.pnl import payback, site_pnl
+from portal.economics.selectors import (
+    costs_by_currency,
+    deployment_costs,
+    deployment_ranking,
+    model_economics,
+    site_costs,
+    tenant_economics,
+    utilization_vs_cost,
+)
+from portal.economics.whatif import scenario, site_model
+from portal.fleet.models import Site
+
+RANKED = 25  # deployments shown by default; ?all=1 shows every one
+PERIODS = {"7d": ("7 days", timedelta(days=7)), "30d": ("30 days", timedelta(days=30)),
+           "90d": ("90 days", timedelta(days=90))}
+
+
+@operator_required
+def fleet_economics(request: HttpRequest) -> HttpResponse:
+    period = request.GET.get("period") if request.GET.get("period") in PERIODS else "30d"
+    end = timezone.now()
+    start = end - PERIODS[period][1]
+    periods = site_costs(start=start, end=end)
+    costs = deployment_costs(start=start, end=end)
+    context = {
+        "tenant_rows": tenant_economics(start=start, end=end, costs=costs),
+        "deployments": deployment_ranking(costs=costs, limit=None if request.GET.get("all") else RANKED),
+        "deployment_count": len(costs),
+        "models": model_economics(costs=costs),
+        "period": period,
+        "periods": PERIODS,
+        "sites": periods,
+        "totals": costs_by_currency(periods),
+        "figures": {
+            "cost_per_mtok": charts.cost_per_mtok_chart(periods),
+            "breakdown": charts.cost_breakdown_chart(periods),
+            "curve": charts.utilization_curve_chart(utilization_vs_cost(periods)),
+        },
+    }
+    return render(request, "economics/fleet.html", context)
+
+
+@operator_required
+def what_if(request: HttpRequest) -> HttpResponse:
+    """Move utilization, allocation and price; see the cost per million tokens and margin that would follow."""
+    sites = list(Site.objects.all())
+    form = WhatIfForm(request.GET or None, sites=sites)
+    valid = form.is_valid()
+    site = form.cleaned_data["site"] if valid else (sites[0] if sites else None)
+    end = timezone.now()
+    model = site_model(site=site, start=end - timedelta(days=30), end=end) if site else None
+    context = {"form": form, "model": model, "site": site, "sites": sites}
+    if model is not None:
+        values = form.cleaned_data if valid else {
+            "site": site, "utilization": round(model.measured_utilization * 100), "allocation": 90,
+            "price": Decimal("0.40")}
+        result = scenario(model=model, utilization=values["utilization"] / 100,
+                          allocation=values["allocation"] / 100, price_per_million=values["price"])
+        context.update(values=values, result=result, figure=charts.what_if_chart(model, result))
+    if request.htmx:
+        return render(request, "economics/what_if.html#result", context, status=200 if valid else 400)
+    return render(request, "economics/what_if.html", context, status=400 if request.GET and not valid else 200)
+
+
+@operator_required
+def pnl(request: HttpRequest) -> HttpResponse:
+    """Factory P&L per site and month, with the payback of GPU capex at the current run rate."""
+    now = timezone.now()
+    first = (now.replace(day=1, hour=0, minute=0, second=0, microsecond=0) - timedelta(days=150)).replace(day=1)
+    return render(request, "economics/pnl.html", {"lines": site_pnl(start=first, end=now),
+                                                  "payback": payback(now=now)})

@@ -1,0 +1,160 @@
+"""Reads for SLAs: measuring a tenant's indicators over a window, its policy, and its compliance history.
+
+Scope: the tenant's deployments' endpoints while each was live (portal.capacity.selectors._windows), read with the
+same tier split as usage_rows: whole past hours from UsageHour, the edges and the current hour from UsageMinute.
+Latency quantiles come from the merged histogram-bucket deltas (portal.telemetry.histograms: Prometheus'
+histogram_quantile), never from averages; availability is probes up / probes; error rate is failed / all requests.
+"""
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from django.db.models import QuerySet, Sum
+from django.utils import timezone
+
+from portal.capacity.models import Deployment
+from portal.capacity.selectors import _hour_ceil, _hour_floor, _windows
+from portal.sla.models import QUANTILE_SLIS, SlaBreach, SlaEvaluation, SlaObjective, SlaPolicy, Sli
+from portal.telemetry.histograms import Histogram, merge, quantile
+from portal.telemetry.models import UsageHour, UsageMinute
+from portal.tenants.models import Tenant, TenantStatus
+
+
+@dataclass
+class Reading:
+    value: float | None
+    samples: int
+
+
+@dataclass
+class _Totals:
+    requests_ok: int = 0
+    requests_failed: int = 0
+    probes: int = 0
+    probes_up: int = 0
+    histograms: dict[str, Histogram | None] = field(default_factory=lambda: {"ttft": None, "itl": None, "e2e": None})
+
+
+def _tier_parts(start: datetime, end: datetime, now: datetime):
+    current_hour = _hour_floor(now)
+    hours_lo, hours_hi = _hour_ceil(start), min(_hour_floor(end), current_hour)
+    if hours_lo < hours_hi:
+        return [(UsageHour, hours_lo, hours_hi), (UsageMinute, start, hours_lo), (UsageMinute, hours_hi, end)]
+    return [(UsageMinute, start, end)]
+
+
+def _totals(*, tenant: Tenant, start: datetime, end: datetime, now: datetime, histograms: list[str]) -> _Totals:
+    totals = _Totals()
+    for window in _windows(list(Deployment.objects.filter(tenant=tenant)), start, end):
+        for model, lo, hi in _tier_parts(window.start, window.end, now):
+            if lo >= hi:
+                continue
+            rows = model.objects.filter(endpoint_id__in=window.endpoint_ids, ts__gte=lo, ts__lt=hi)
+            sums = rows.aggregate(ok=Sum("requests_ok"), failed=Sum("requests_failed"), probes=Sum("probes"),
+                                  up=Sum("probes_up"))
+            totals.requests_ok += sums["ok"] or 0
+            totals.requests_failed += sums["failed"] or 0
+            totals.probes += sums["probes"] or 0
+            totals.probes_up += sums["up"] or 0
+            if not histograms:
+                continue
+            for values in rows.values_list(*histograms).iterator(chunk_size=2000):
+                for name, h in zip(histograms, values, strict=True):
+                    if h is not None:
+                        totals.histograms[name] = merge(totals.histograms[name], h)
+    return totals
+
+
+def sli_readings(*, tenant: Tenant, start: datetime, end: datetime, now: datetime | None = None,
+                 slis: set[str] | None = None) -> dict[str, Reading]:
+    """The tenant's SLIs (all, or those named) over [start, end). A value is None when the window had nothing to
+    measure. Only the histograms of the quantile SLIs asked for are read and merged."""
+    wanted = {sli: spec for sli, spec in QUANTILE_SLIS.items() if slis is None or sli in slis}
+    totals = _totals(tenant=tenant, start=start, end=end, now=now or timezone.now(),
+                     histograms=[name for name, _ in wanted.values()])
+    readings = {}
+    for sli, (name, q) in wanted.items():
+        h = totals.histograms[name]
+        readings[sli] = Reading(value=quantile(q, h), samples=h["counts"][-1] if h else 0)
+    requests = totals.requests_ok + totals.requests_failed
+    readings[Sli.ERROR_RATE] = Reading(value=100 * totals.requests_failed / requests if requests else None,
+                                       samples=requests)
+    readings[Sli.AVAILABILITY] = Reading(
+        value=100 * totals.probes_up / totals.probes if totals.probes else None, samples=totals.probes)
+    return readings
+
+
+def policy_for_tenant(*, tenant: Tenant) -> SlaPolicy | None:
+    """The tenant's own override if it has one, else its plan's policy."""
+    override = SlaPolicy.objects.filter(tenant=tenant).first()
+    if override is not None:
+        return override
+    if tenant.plan_id is None:
+        return None
+    return SlaPolicy.objects.filter(plan_id=tenant.plan_id).first()
+
+
+def objectives_for_tenant(*, tenant: Tenant) -> list[SlaObjective]:
+    policy = policy_for_tenant(tenant=tenant)
+    return list(policy.objectives.all()) if policy else []
+
+
+def tenants_to_evaluate() -> QuerySet[Tenant]:
+    return Tenant.objects.filter(status=TenantStatus.ACTIVE).order_by("pk")
+
+
+def policies() -> QuerySet[SlaPolicy]:
+    return SlaPolicy.objects.select_related("plan", "tenant").prefetch_related("objectives").order_by(
+        "tenant", "name")
+
+
+@dataclass
+class SliStatus:
+    objective: SlaObjective
+    latest: SlaEvaluation | None
+    windows: int = 0
+    met: int = 0
+
+    @property
+    def met_share(self) -> float | None:
+        return self.met / self.windows if self.windows else None
+
+
+@dataclass
+class Compliance:
+    tenant: Tenant
+    policy: SlaPolicy | None
+    statuses: list[SliStatus]
+    series: dict[str, list[SlaEvaluation]]
+    breaches: list[SlaBreach]
+
+    @property
+    def open_breaches(self) -> int:
+        return sum(1 for b in self.breaches if b.ended_at is None)
+
+
+def tenant_compliance(*, tenant: Tenant, since: datetime, until: datetime | None = None) -> Compliance:
+    """The tenant's objectives with their latest evaluation and share of windows met since `since`, the series of
+    evaluations per SLI for the charts, and its breaches that overlap the period."""
+    policy = policy_for_tenant(tenant=tenant)
+    objectives = list(policy.objectives.all()) if policy else []
+    evaluations = SlaEvaluation.objects.filter(tenant=tenant, window_end__gte=since)
+    if until is not None:
+        evaluations = evaluations.filter(window_end__lte=until)
+    series: dict[str, list[SlaEvaluation]] = defaultdict(list)
+    for evaluation in evaluations.order_by("window_end"):
+        series[evaluation.sli].append(evaluation)
+    statuses = []
+    for objective in objectives:
+        rows = series.get(objective.sli, [])
+        measured = [e for e in rows if e.compliant is not None]
+        statuses.append(SliStatus(objective=objective, latest=rows[-1] if rows else None, windows=len(measured),
+                                  met=sum(1 for e in measured if e.compliant)))
+    breaches = list(SlaBreach.objects.filter(tenant=tenant).exclude(ended_at__lt=since).order_by("-started_at"))
+    return Compliance(tenant=tenant, policy=policy, statuses=statuses, series=dict(series), breaches=breaches)
+
+
+def fleet_compliance(*, since: datetime) -> list[Compliance]:
+    """tenant_compliance for every active tenant, for the operators' overview."""
+    return [tenant_compliance(tenant=t, since=since) for t in tenants_to_evaluate().select_related("plan")]

@@ -1,0 +1,31 @@
+"""The capital partner's views in real Chromium: the factory P&L, and the what-if model answering its sliders."""
+
+from datetime import UTC, datetime
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from tests.factories import OperatorFactory
+from tests.test_browser import login
+from tests.test_economics import site_with_history
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+
+def test_an_operator_reads_the_pnl_and_moves_utilization_in_the_what_if(page: Page, live_server, artifacts_dir):
+    OperatorFactory(username="capital")
+    site_with_history(base=datetime.now(tz=UTC).replace(minute=0, second=0, microsecond=0))
+    login(page, live_server, "capital")
+    page.goto(f"{live_server.url}/economics/pnl/")
+    expect(page.get_by_role("heading", name="Factory P&L")).to_be_visible()
+    expect(page.get_by_test_id("payback")).to_contain_text("Site")
+    page.goto(f"{live_server.url}/economics/what-if/")
+    expect(page.locator("#fig-whatif .main-svg").first).to_be_visible()
+    slider = page.get_by_role("slider", name="Utilization")
+    slider.fill("70")
+    # (1.50 + (0.1 + 0.6 x 0.7) x 0.15) / 0.7 = 2.2543 per 1M tokens, the same figure test_economics computes
+    expect(page.get_by_test_id("whatif-cost")).to_have_text("USD 2.2543")
+    expect(page.get_by_test_id("whatif-vs-half")).to_contain_text("\u2212")
+    slider.fill("30")
+    expect(page.get_by_test_id("whatif-cost")).not_to_have_text("USD 2.2543")
+    page.screenshot(path=artifacts_dir / "what-if.png", full_page=True)

@@ -1,0 +1,178 @@
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from portal.economics.selectors import hour_cost, site_costs
+from portal.fleet.models import Gpu, MigInstance
+from portal.telemetry.models import GpuHour, GpuMinute, GpuSample, SiteHour
+from portal.telemetry.rollups import rollup_hours, rollup_minutes
+from tests.factories import (
+    PASSWORD,
+    NodeFactory,
+    OperatorFactory,
+    SiteFactory,
+    batch_payload,
+    engine_payload,
+    gpu_payload,
+    gpu_uuid,
+    node_with_credential,
+)
+from tests.test_ingest import post
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def operator_client(client):
+    client.login(username=OperatorFactory().username, password=PASSWORD)
+    return client
+
+
+def test_it_shows_the_mean_utilization_of_online_gpus(operator_client):
+    _node, cred = node_with_credential()
+    body = batch_payload(seq=1, gpus=[gpu_payload(uuid=gpu_uuid(), index=0, util=30.0),
+                                      gpu_payload(uuid=gpu_uuid(), index=1, util=90.0)])
+    assert post(operator_client, body, cred).status_code == 200
+    page = operator_client.get("/fleet/")
+    assert page.context["headline"].util_now == 60.0
+    assert page.context["headline"].gpus_online == 2
+    assert '<span class="value" data-testid="util-now">60.0%</span>' in page.content.decode()
+
+
+def test_it_computes_cost_per_million_tokens_from_energy_and_tokens():
+    site = SiteFactory(gpu_capex=Decimal("30000"), depreciation_months=48, energy_price_kwh=Decimal("0.12"),
+                       pue=Decimal("1.3"), other_opex_gpu_hour=Decimal("0.25"), currency="USD")
+    hour = datetime(2026, 11, 20, 10, tzinfo=UTC)
+    # 8 GPUs for one hour at 500 W (14.4 kWh), 50% busy, serving 10 million tokens.
+    SiteHour.objects.create(site=site, ts=hour, gpus_installed=8, gpu_seconds=8 * 3600, util_seconds=8 * 3600 * 50,
+                            energy_mj=14_400 * 3_600_000, prompt_tokens=7_000_000, generation_tokens=3_000_000)
+    (period,) = site_costs(start=hour, end=hour + timedelta(hours=1))
+    capex = Decimal(8 * 30000) / (48 * Decimal("730.5"))  # 6.8446...
+    opex = Decimal("2.00")
+    energy = Decimal("14.4") * Decimal("1.3") * Decimal("0.12")  # 2.2464
+    assert period.cost.capex == capex
+    assert period.cost.energy == energy and period.cost.opex == opex
+    assert period.cost.per_million_tokens == ((capex + opex + energy) / 10).quantize(Decimal("0.0001"))
+    assert period.cost.per_million_tokens == Decimal("1.1091")
+    assert period.cost.utilization == 0.5
+    assert period.cost.idle == (capex + opex) / 2
+    assert period.cost.tokens_per_unit == int(10_000_000 / (capex + opex + energy))
+
+
+def test_it_counts_a_silent_gpu_as_idle_capacity():
+    site = SiteFactory()
+    cost = hour_cost(site=site, gpus=4, energy_mj=0, util_seconds=2 * 3600 * 100, tokens=0)
+    assert cost.utilization == 0.5 and cost.per_million_tokens is None and cost.tokens_per_unit == 0
+
+
+def test_it_rolls_site_hours_for_the_economics_pages(client):
+    node, cred = node_with_credential()
+    uuids = [gpu_uuid(), gpu_uuid()]
+    start = (int(time.time()) // 3600) * 3600 - 3600
+    for seq in range(1, 4):
+        gpus = [gpu_payload(uuid=u, index=i, util=40.0, power=500.0) for i, u in enumerate(uuids)]
+        engines = [engine_payload(prompt=600, generation=400)]
+        body = batch_payload(seq=seq, end=start + 10 * seq, gpus=gpus, engines=engines)
+        assert post(client, body, cred).status_code == 200
+    later = datetime.now(tz=UTC) + timedelta(seconds=10)
+    rollup_minutes(now=later)
+    rollup_hours(now=later)
+    site_hour = SiteHour.objects.get(site=node.site)
+    assert site_hour.gpus_installed == 2 and site_hour.gpu_seconds == 60
+    assert site_hour.energy_mj == 2 * 3 * 5_000_000
+    assert site_hour.util_seconds == 2 * 3 * 10 * 40.0
+    assert (site_hour.prompt_tokens, site_hour.generation_tokens, site_hour.requests) == (1800, 1200, 15)
+
+
+def _fleet(nodes: int):
+    site = SiteFactory()
+    for _ in range(nodes):
+        node = NodeFactory(site=site)
+        gpus = Gpu.objects.bulk_create(Gpu(node=node, uuid=gpu_uuid(), index=i, name="NVIDIA H100 80GB HBM3",
+                                           current_util=50.0, mig_mode=i == 7) for i in range(8))
+        MigInstance.objects.create(gpu=gpus[7], gi_id=1, profile="3g.40gb")
+        MigInstance.objects.create(gpu=gpus[7], gi_id=2, profile="4g.40gb")
+
+
+def _queries(client, url: str) -> int:
+    with CaptureQueriesContext(connection) as ctx:
+        assert client.get(url).status_code == 200
+    return len(ctx.captured_queries)
+
+
+def test_the_fleet_page_query_count_does_not_grow_with_the_fleet(operator_client):
+    _fleet(2)
+    small = _queries(operator_client, "/fleet/")
+    _fleet(10)
+    assert _queries(operator_client, "/fleet/") == small
+    assert small == 22
+
+
+def test_the_node_page_query_count_does_not_grow_with_history(operator_client):
+    node, cred = node_with_credential()
+    uuids = [gpu_uuid() for _ in range(8)]
+    now = time.time()
+    for seq in range(1, 4):
+        gpus = [gpu_payload(uuid=u, index=i) for i, u in enumerate(uuids)]
+        post(operator_client, batch_payload(seq=seq, end=now - 30 + 10 * seq, gpus=gpus, engines=[engine_payload()]),
+             cred)
+    counts = {key: _queries(operator_client, f"/fleet/nodes/{node.pk}/?range={key}") for key in ("1h", "24h", "30d")}
+    GpuHour.objects.bulk_create(GpuHour(gpu_id=g, ts=datetime(2026, 10, 1, tzinfo=UTC) + timedelta(hours=h),
+                                        seconds=3600, util_mean=50) for g in Gpu.objects.values_list("pk", flat=True)
+                                for h in range(200))
+    assert {key: _queries(operator_client, f"/fleet/nodes/{node.pk}/?range={key}") for key in counts} == counts
+    # session, user, memberships, node, GPUs, MIG, endpoints, holders, GPU series, usage series, events, 2 costs
+    assert set(counts.values()) == {13}
+
+
+def test_the_node_charts_read_the_tier_of_their_range(operator_client):
+    node, cred = node_with_credential()
+    uuid = gpu_uuid()
+    post(operator_client, batch_payload(seq=1, gpus=[gpu_payload(uuid=uuid, util=33.0)]), cred)
+    gpu = Gpu.objects.get(uuid=uuid)
+    now = datetime.now(tz=UTC)
+    GpuMinute.objects.create(gpu=gpu, ts=now - timedelta(hours=2), seconds=60, util_mean=44.0)
+    GpuHour.objects.create(gpu=gpu, ts=now - timedelta(days=3), seconds=3600, util_mean=55.0)
+
+    def utils(range_key):
+        page = operator_client.get(f"/fleet/nodes/{node.pk}/?range={range_key}", HTTP_HX_REQUEST="true")
+        (chart,) = [c for c in page.context["charts"] if c["id"] == "chart-util"]
+        return [y for trace in chart["figure"]["data"] for y in trace["y"]], page
+
+    assert utils("1h")[0] == [33.0]
+    assert utils("24h")[0] == [44.0]
+    values, page = utils("7d")
+    assert values == [55.0]
+    text = page.content.decode()
+    assert "Read from the hourly rollups" in text and "<html" not in text  # the htmx partial only
+    assert GpuSample.objects.count() == 1
+
+
+def test_it_answers_a_poll_with_304_when_nothing_changed(operator_client):
+    _node, cred = node_with_credential()
+    post(operator_client, batch_payload(seq=1, gpus=[gpu_payload(uuid=gpu_uuid())]), cred)
+    first = operator_client.get("/fleet/", HTTP_HX_REQUEST="true")
+    assert first.status_code == 200 and "<html" not in first.content.decode()
+    etag = first["ETag"]
+    assert operator_client.get("/fleet/", HTTP_HX_REQUEST="true", HTTP_IF_NONE_MATCH=etag).status_code == 304
+    post(operator_client, batch_payload(seq=2, gpus=[gpu_payload(uuid=Gpu.objects.get().uuid)]), cred)
+    assert operator_client.get("/fleet/", HTTP_HX_REQUEST="true", HTTP_IF_NONE_MATCH=etag).status_code == 200
+
+
+def test_the_economics_page_shows_each_currency(operator_client):
+    usd, eur = SiteFactory(currency="USD"), SiteFactory(currency="EUR")
+    hour = (datetime.now(tz=UTC) - timedelta(hours=3)).replace(minute=0, second=0, microsecond=0)
+    for site in (usd, eur):
+        SiteHour.objects.create(site=site, ts=hour, gpus_installed=8, gpu_seconds=8 * 3600,
+                                util_seconds=8 * 3600 * 70, energy_mj=10**10, prompt_tokens=10**7,
+                                generation_tokens=10**7)
+    page = operator_client.get("/economics/?period=7d")
+    assert set(page.context["totals"]) == {"EUR", "USD"}
+    text = page.content.decode()
+    usd_cost = page.context["totals"]["USD"].per_million_tokens
+    assert f'data-testid="cost-per-mtok-USD">USD {usd_cost}</span>' in text
+    assert page.context["figures"]["curve"]["data"][0]["x"] == [70.0]
