@@ -107,17 +107,20 @@ def measure(client, node_id: int, n: int) -> list[tuple[str, float, float, float
                 cursor.fetchall()
         return run
 
+    from portal.fleet.models import Gpu
+
     since = (datetime.now(tz=UTC) - timedelta(days=30)).isoformat()
+    gpu_ids = ", ".join(str(pk) for pk in Gpu.objects.filter(node_id=node_id).values_list("pk", flat=True))
     cases = [
         ("fleet page /fleet/", lambda: client.get("/fleet/"),
          sql("SELECT avg(current_util), count(*) FROM fleet_gpu g JOIN fleet_node n ON n.id = g.node_id "
              "WHERE n.status = 'online'")),
         ("node page, 24 h charts", lambda: client.get(f"/fleet/nodes/{node_id}/?range=24h"),
-         sql(f"SELECT gpu_id, ts, util_mean FROM telemetry_gpuminute WHERE gpu_id IN (SELECT id FROM fleet_gpu "
-             f"WHERE node_id = {node_id}) AND ts >= now() - interval '24 hours' ORDER BY gpu_id, ts")),
+         sql(f"SELECT gpu_id, ts, util_mean FROM telemetry_gpuminute WHERE gpu_id IN ({gpu_ids}) "
+             f"AND ts >= now() - interval '24 hours' ORDER BY gpu_id, ts")),
         ("node page, 30 d charts", lambda: client.get(f"/fleet/nodes/{node_id}/?range=30d"),
-         sql(f"SELECT gpu_id, ts, util_mean FROM telemetry_gpuhour WHERE gpu_id IN (SELECT id FROM fleet_gpu "
-             f"WHERE node_id = {node_id}) AND ts >= now() - interval '30 days' ORDER BY gpu_id, ts")),
+         sql(f"SELECT gpu_id, ts, util_mean FROM telemetry_gpuhour WHERE gpu_id IN ({gpu_ids}) "
+             f"AND ts >= now() - interval '30 days' ORDER BY gpu_id, ts")),
         ("economics chart (site tier, 30 d)", lambda: client.get("/economics/?period=30d"),
          sql(f"SELECT site_id, date_trunc('day', ts), sum(energy_mj), sum(prompt_tokens + generation_tokens) "
              f"FROM telemetry_sitehour WHERE ts >= '{since}' GROUP BY 1, 2")),

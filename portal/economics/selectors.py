@@ -206,13 +206,14 @@ class DeploymentCost:
 
 def deployment_costs(*, start: datetime, end: datetime) -> list[DeploymentCost]:
     """Every deployment's tokens and the cost of the capacity its units held over the period, in one scan of the
-    attribution tier; the model, tenant and deployment views are all sums of these."""
-    rows = (DeploymentHour.objects.filter(ts__gte=start, ts__lt=end)
-            .values("deployment_id", "deployment__model_name", "deployment__tenant_id", "deployment__node__site_id",
-                    "deployment__node__site__currency").annotate(**_HOUR_SUMS))
-    return [DeploymentCost(deployment_id=r["deployment_id"], model_name=r["deployment__model_name"],
-                           tenant_id=r["deployment__tenant_id"], site_id=r["deployment__node__site_id"],
-                           cost=_cost_from_sums(r["deployment__node__site__currency"], r)) for r in rows]
+    attribution tier (grouped by deployment alone: joining first would multiply the work by the rows scanned); the
+    model, tenant and deployment views are all sums of these."""
+    sums = {r["deployment_id"]: r for r in DeploymentHour.objects.filter(ts__gte=start, ts__lt=end)
+            .values("deployment_id").annotate(**_HOUR_SUMS).order_by()}
+    facts = Deployment.objects.filter(pk__in=list(sums)).values_list(
+        "pk", "model_name", "tenant_id", "node__site_id", "node__site__currency")
+    return [DeploymentCost(deployment_id=pk, model_name=model, tenant_id=tenant, site_id=site,
+                           cost=_cost_from_sums(currency, sums[pk])) for pk, model, tenant, site, currency in facts]
 
 
 def deployment_ranking(*, costs: list[DeploymentCost], limit: int | None = None) -> list[DeploymentLine]:

@@ -2,6 +2,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from html import escape
 
 from django import template
+from django.urls import reverse
 from django.utils.safestring import mark_safe
 
 register = template.Library()
@@ -81,3 +82,21 @@ def gpu_cells(gpus) -> str:
         util = "" if gpu.util is None else gpu.util
         cells.append(f'<div class="gpu {util_class(gpu.util)}" title="{escape(title)}" data-util="{util}">{mig}</div>')
     return mark_safe("".join(cells))  # noqa: S308 - agent-supplied strings are escaped above
+
+
+@register.simple_tag
+def node_cards(nodes) -> str:
+    """The grid's node cards, built like gpu_cells: a template loop over a thousand cards costs half a second."""
+    cards = []
+    for node in nodes:
+        url = reverse("fleet:node", args=[node.pk])
+        simulated = ' <span class="badge sim" title="Reported by a simulated agent">simulated</span>' if (
+            node.simulated) else ""
+        status = escape(node.status)
+        cards.append(
+            f'<a class="node status-{status}" href="{url}" data-node="{escape(node.hostname)}">'
+            f'<div class="nodehead"><strong>{escape(node.hostname)}</strong>{simulated}'
+            f'<span class="badge status-{status}">{escape(node.status_label)}</span></div>'
+            f'<div class="gpus">{gpu_cells(node.gpus)}</div></a>'
+        )
+    return mark_safe("".join(cards))  # noqa: S308 - agent-supplied strings are escaped above
