@@ -43,14 +43,14 @@ def holders_by_unit(*, gpu_ids: list[int], at: datetime | None = None) -> dict[t
 
 
 @dataclass
-class _Window:
+class DeploymentWindow:
     endpoint_ids: list[int]
     start: datetime
     end: datetime
     model: str
 
 
-def _windows(deployments: list[Deployment], start: datetime, end: datetime) -> list[_Window]:
+def deployment_windows(deployments: list[Deployment], start: datetime, end: datetime) -> list[DeploymentWindow]:
     """Each deployment's endpoints and the part of [start, end) in which their usage belongs to the tenant."""
     by_node_url = defaultdict(list)
     for pk, node_id, url in ServingEndpoint.objects.filter(
@@ -61,7 +61,7 @@ def _windows(deployments: list[Deployment], start: datetime, end: datetime) -> l
         lo, hi = max(start, d.active_from), min(end, d.ended_at or end)
         ids = by_node_url.get((d.node_id, d.metrics_url), [])
         if lo < hi and ids:
-            windows.append(_Window(endpoint_ids=ids, start=lo, end=hi, model=d.model_name))
+            windows.append(DeploymentWindow(endpoint_ids=ids, start=lo, end=hi, model=d.model_name))
     return windows
 
 
@@ -74,22 +74,21 @@ def _hour_ceil(ts: datetime) -> datetime:
     return floor if floor == ts else floor + timedelta(hours=1)
 
 
-def usage_rows(*, endpoint_ids: list[int], start: datetime, end: datetime, now: datetime | None = None):
-    """Usage of endpoints over [start, end), as (day, endpoint_id, prompt, generation, ok, failed) sums per day:
-    whole past hours from the hour tier, the edges and the current hour from the minute tier."""
-    now = now or timezone.now()
+def usage_tiers(*, start: datetime, end: datetime, now: datetime) -> list[tuple[type, datetime, datetime]]:
+    """Which usage tier answers which part of [start, end): whole past hours from the hour tier, the edges and the
+    current hour from the minute tier. Empty parts are left out."""
     current_hour = _hour_floor(now)
     hours_lo, hours_hi = _hour_ceil(start), min(_hour_floor(end), current_hour)
-    parts = []
     if hours_lo < hours_hi:
-        parts.append((UsageHour, hours_lo, hours_hi))
-        parts.append((UsageMinute, start, hours_lo))
-        parts.append((UsageMinute, hours_hi, end))
+        parts = [(UsageHour, hours_lo, hours_hi), (UsageMinute, start, hours_lo), (UsageMinute, hours_hi, end)]
     else:
-        parts.append((UsageMinute, start, end))
-    for model, lo, hi in parts:
-        if lo >= hi:
-            continue
+        parts = [(UsageMinute, start, end)]
+    return [(model, lo, hi) for model, lo, hi in parts if lo < hi]
+
+
+def usage_rows(*, endpoint_ids: list[int], start: datetime, end: datetime, now: datetime | None = None):
+    """Usage of endpoints over [start, end), as (day, endpoint_id, prompt, generation, ok, failed) sums per day."""
+    for model, lo, hi in usage_tiers(start=start, end=end, now=now or timezone.now()):
         yield from (
             model.objects.filter(endpoint_id__in=endpoint_ids, ts__gte=lo, ts__lt=hi)
             .annotate(day=TruncDay("ts")).values("day", "endpoint_id")
@@ -119,7 +118,7 @@ def usage_for_tenant(*, tenant: Tenant, start: datetime, end: datetime, by_day: 
     endpoints while each deployment was live. Exact integers, as the agents reported them."""
     lines: dict[tuple[str, datetime | None], UsageLine] = {}
     deployments = list(Deployment.objects.filter(tenant=tenant))
-    for window in _windows(deployments, start, end):
+    for window in deployment_windows(deployments, start, end):
         for day, _endpoint, p, g, ok, failed in usage_rows(endpoint_ids=window.endpoint_ids, start=window.start,
                                                           end=window.end, now=now):
             key = (window.model, day if by_day else None)

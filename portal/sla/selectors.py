@@ -1,7 +1,8 @@
 """Reads for SLAs: measuring a tenant's indicators over a window, its policy, and its compliance history.
 
-Scope: the tenant's deployments' endpoints while each was live (portal.capacity.selectors._windows), read with the
-same tier split as usage_rows: whole past hours from UsageHour, the edges and the current hour from UsageMinute.
+Scope: the tenant's deployments' endpoints while each was live (portal.capacity.selectors.deployment_windows), read
+through the same tier split as usage (capacity.selectors.usage_tiers): whole past hours from UsageHour, the edges and
+the current hour from UsageMinute.
 Latency quantiles come from the merged histogram-bucket deltas (portal.telemetry.histograms: Prometheus'
 histogram_quantile), never from averages; availability is probes up / probes; error rate is failed / all requests.
 """
@@ -14,10 +15,9 @@ from django.db.models import QuerySet, Sum
 from django.utils import timezone
 
 from portal.capacity.models import Deployment
-from portal.capacity.selectors import _hour_ceil, _hour_floor, _windows
+from portal.capacity.selectors import deployment_windows, usage_tiers
 from portal.sla.models import QUANTILE_SLIS, SlaBreach, SlaEvaluation, SlaObjective, SlaPolicy, Sli
 from portal.telemetry.histograms import Histogram, merge, quantile
-from portal.telemetry.models import UsageHour, UsageMinute
 from portal.tenants.models import Tenant, TenantStatus
 
 
@@ -36,20 +36,10 @@ class _Totals:
     histograms: dict[str, Histogram | None] = field(default_factory=lambda: {"ttft": None, "itl": None, "e2e": None})
 
 
-def _tier_parts(start: datetime, end: datetime, now: datetime):
-    current_hour = _hour_floor(now)
-    hours_lo, hours_hi = _hour_ceil(start), min(_hour_floor(end), current_hour)
-    if hours_lo < hours_hi:
-        return [(UsageHour, hours_lo, hours_hi), (UsageMinute, start, hours_lo), (UsageMinute, hours_hi, end)]
-    return [(UsageMinute, start, end)]
-
-
 def _totals(*, tenant: Tenant, start: datetime, end: datetime, now: datetime, histograms: list[str]) -> _Totals:
     totals = _Totals()
-    for window in _windows(list(Deployment.objects.filter(tenant=tenant)), start, end):
-        for model, lo, hi in _tier_parts(window.start, window.end, now):
-            if lo >= hi:
-                continue
+    for window in deployment_windows(list(Deployment.objects.filter(tenant=tenant)), start, end):
+        for model, lo, hi in usage_tiers(start=window.start, end=window.end, now=now):
             rows = model.objects.filter(endpoint_id__in=window.endpoint_ids, ts__gte=lo, ts__lt=hi)
             sums = rows.aggregate(ok=Sum("requests_ok"), failed=Sum("requests_failed"), probes=Sum("probes"),
                                   up=Sum("probes_up"))
