@@ -161,6 +161,9 @@ def main() -> int:
         user = User.objects.create_user(username="bench", email="b@example.com", operator_role=OperatorRole.ADMIN)
         client = Client(HTTP_HOST="127.0.0.1")
         client.force_login(user)
+        import gc
+
+        gc.freeze()  # as portal/wsgi.py does in every server process once Django is loaded
         full = measure(client, info["node"], args.requests)
         from django.db import connection
 

@@ -144,7 +144,12 @@ def test_the_node_charts_read_the_tier_of_their_range(operator_client):
         return [y for trace in chart["figure"]["data"] for y in trace["y"]], page
 
     assert utils("1h")[0] == [33.0]
-    assert utils("24h")[0] == [44.0]
+    values, page = utils("24h")
+    assert values == [44.0]
+    (chart,) = [c for c in page.context["charts"] if c["id"] == "chart-util"]
+    # Times travel as epoch milliseconds on a date axis.
+    assert chart["figure"]["data"][0]["x"] == [round((now - timedelta(hours=2)).timestamp() * 1000)]
+    assert chart["figure"]["layout"]["xaxis"] == {"type": "date"}
     values, page = utils("7d")
     assert values == [55.0]
     text = page.content.decode()

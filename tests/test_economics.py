@@ -2,12 +2,13 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-from hypothesis import given
+from django.db.models import F, Sum
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from portal.capacity.models import Allocation
 from portal.capacity.services import allocation_create, deployment_create
-from portal.economics.models import CostHour
+from portal.economics.models import CostHour, DeploymentDay, DeploymentHour
 from portal.economics.selectors import attributed_costs, deployment_costs, deployment_ranking, tenant_economics
 from portal.economics.services import cost_hours_attribute, gpu_hour_shares
 from portal.economics.whatif import scenario, site_model
@@ -82,6 +83,47 @@ class TestAttribution:
         assert lines[0].cost.per_million_tokens == Decimal("0.5000")
         (tenant_row,) = [row for row in tenant_economics(start=H, end=H + timedelta(hours=1), costs=costs) if row[0]]
         assert tenant_row[2].tokens == 4_500_000 and tenant_row[2].total == Decimal("3.00")
+
+    def test_deployment_costs_over_any_period_equal_the_hour_tier(self):
+        # Whole days come from DeploymentDay, the edges from DeploymentHour: for any period the sums must be those
+        # of the hour tier alone, including a period ending inside a day whose later hours are attributed.
+        node = NodeFactory(site=fixed_site())
+        tenant = TenantFactory()
+        day0 = datetime(2026, 11, 9, tzinfo=UTC)
+        hours = [day0 + timedelta(hours=h) for h in range(72)]
+        deployments = []
+        for i in range(2):
+            gpu = Gpu.objects.create(node=node, uuid=gpu_uuid(), index=i, name="H100")
+            allocation = allocation_create(tenant=tenant, gpu=gpu, starts_at=day0 + timedelta(hours=5 * i))
+            url = f"http://127.0.0.1:{8000 + i}/metrics"
+            deployments.append(deployment_create(tenant=tenant, name=f"d{i}", model_name="m", engine="vllm",
+                                                 node=node, metrics_url=url, allocations=[allocation],
+                                                 active_from=day0 + timedelta(hours=5 * i)))
+            endpoint = ServingEndpoint.objects.create(node=node, url=url, model="m", engine="vllm")
+            for n, ts in enumerate(hours):
+                GpuHour.objects.create(gpu=gpu, ts=ts, seconds=3600, util_mean=(n * 7 + i * 13) % 100,
+                                       energy_mj=(n % 5 + 1) * 1_000_000_000)
+                UsageHour.objects.create(endpoint=endpoint, ts=ts, prompt_tokens=1000 * n + i,
+                                         generation_tokens=300 * n)
+        cost_hours_attribute(hours=hours)
+        assert DeploymentDay.objects.count() == 6
+
+        @given(st.integers(0, 72 * 60), st.integers(1, 72 * 60))
+        @settings(max_examples=60, deadline=None)
+        def check(offset_minutes, length_minutes):
+            start = day0 + timedelta(minutes=offset_minutes)
+            end = start + timedelta(minutes=length_minutes)
+            expected = {r["deployment_id"]: r for r in DeploymentHour.objects.filter(ts__gte=start, ts__lt=end)
+                        .values("deployment_id").annotate(t=Sum(F("prompt_tokens") + F("generation_tokens")),
+                                                          c=Sum("capex"), e=Sum("energy"), b=Sum("busy_gpu_hours"))}
+            got = {c.deployment_id: c.cost for c in deployment_costs(start=start, end=end)}
+            assert set(got) == set(expected)
+            for pk, cost in got.items():
+                row = expected[pk]
+                assert (cost.tokens, cost.capex, cost.energy, cost.busy_gpu_hours) == (
+                    row["t"], row["c"], row["e"], row["b"])
+
+        check()
 
     def test_the_page_shows_tenants_deployments_and_the_idle_line(self, client):
         client.login(username=OperatorFactory().username, password=PASSWORD)

@@ -2,7 +2,7 @@
 
 from decimal import Decimal
 
-from portal.economics.selectors import SitePeriod, daily
+from portal.economics.selectors import SitePeriod
 
 _LAYOUT = {"margin": {"l": 60, "r": 20, "t": 30, "b": 40}, "height": 320, "legend": {"orientation": "h"},
            "hovermode": "x unified"}
@@ -15,7 +15,7 @@ def _num(value: Decimal | None) -> float | None:
 def cost_per_mtok_chart(periods: list[SitePeriod]) -> dict:
     traces = []
     for period in periods:
-        days = daily(period.hourly)
+        days = period.daily
         traces.append({
             "type": "scatter", "mode": "lines+markers", "name": f"{period.site.name} ({period.site.currency})",
             "x": [f"{d:%Y-%m-%d}" for d, _ in days], "y": [_num(c.per_million_tokens) for _, c in days],
@@ -26,7 +26,7 @@ def cost_per_mtok_chart(periods: list[SitePeriod]) -> dict:
 def cost_breakdown_chart(periods: list[SitePeriod]) -> dict:
     traces = []
     for period in periods:
-        days = daily(period.hourly)
+        days = period.daily
         x = [f"{d:%Y-%m-%d}" for d, _ in days]
         label = f"{period.site.name} ({period.site.currency})"
         traces.append({"type": "bar", "name": f"{label} total", "x": x, "y": [_num(c.total) for _, c in days]})
@@ -47,6 +47,10 @@ def utilization_curve_chart(points: dict[str, list[tuple[float, Decimal, str]]])
     return {"data": traces, "layout": layout}
 
 
+# Node series carry epoch milliseconds: a date axis shows them as UTC times.
+_DATE_AXIS = {"type": "date"}
+
+
 def node_charts(series: dict) -> list[dict]:
     """Utilization, memory, power and temperature per GPU, and tokens/s per endpoint."""
     charts = []
@@ -55,12 +59,12 @@ def node_charts(series: dict) -> list[dict]:
         charts.append({"id": f"chart-{key}", "title": title, "figure": {
             "data": [{"type": "scatter", "mode": "lines", "name": g["name"], "x": g["ts"], "y": g[key]}
                      for g in series["gpus"]],
-            "layout": {**_LAYOUT, "height": 260, "yaxis": {"title": {"text": unit}}},
+            "layout": {**_LAYOUT, "height": 260, "xaxis": _DATE_AXIS, "yaxis": {"title": {"text": unit}}},
         }})
     charts.append({"id": "chart-tokens", "title": "Tokens per second (input + output)", "figure": {
         "data": [{"type": "scatter", "mode": "lines", "name": t["name"], "x": t["ts"], "y": t["tps"]}
                  for t in series["tokens"]],
-        "layout": {**_LAYOUT, "height": 260, "yaxis": {"title": {"text": "tokens/s"}}},
+        "layout": {**_LAYOUT, "height": 260, "xaxis": _DATE_AXIS, "yaxis": {"title": {"text": "tokens/s"}}},
     }})
     return charts
 

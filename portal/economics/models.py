@@ -28,10 +28,7 @@ class CostHour(models.Model):
         return self.capex + self.energy + self.opex
 
 
-class DeploymentHour(models.Model):
-    """One hour of a deployment: the cost of the GPU capacity its units held (the same per-GPU arithmetic as
-    CostHour) and the tokens its endpoint served while it was live. Economics pages rank deployments from it."""
-
+class _DeploymentPeriod(models.Model):
     deployment = models.ForeignKey("capacity.Deployment", on_delete=models.CASCADE, related_name="+")
     ts = models.DateTimeField()
     gpu_hours = models.DecimalField(max_digits=20, decimal_places=8)
@@ -44,7 +41,26 @@ class DeploymentHour(models.Model):
     generation_tokens = models.BigIntegerField(default=0)
 
     class Meta:
+        abstract = True
+
+
+class DeploymentHour(_DeploymentPeriod):
+    """One hour of a deployment: the cost of the GPU capacity its units held (the same per-GPU arithmetic as
+    CostHour) and the tokens its endpoint served while it was live. Economics pages rank deployments from it."""
+
+    class Meta:
         indexes = [models.Index(fields=["ts", "deployment"])]
 
     def __str__(self) -> str:
         return f"deployment {self.deployment_id} @ {self.ts:%Y-%m-%d %H:%M}"
+
+
+class DeploymentDay(_DeploymentPeriod):
+    """The sum of a deployment's DeploymentHour rows over a UTC day (ts is midnight), rewritten with them. A month
+    of economics for a thousand deployments reads 30 thousand of these instead of 720 thousand hours."""
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["ts", "deployment"], name="deploymentday_ts_unique")]
+
+    def __str__(self) -> str:
+        return f"deployment {self.deployment_id} on {self.ts:%Y-%m-%d}"

@@ -4,16 +4,15 @@ rate (the last 30 days' gross margin). Revenue and cost are compared only in the
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
 from django.db.models import Count, Sum
-from django.db.models.functions import TruncDay
 from django.utils import timezone
 
 from portal.billing.selectors import PriceIndex, price_book_for_tenant
-from portal.economics.models import CostHour, DeploymentHour
-from portal.economics.selectors import MILLION, Cost
+from portal.economics.models import CostHour
+from portal.economics.selectors import MILLION, Cost, deployment_sums
 from portal.fleet.models import Gpu, NodeStatus, Site
 from portal.tenants.models import Tenant
 
@@ -76,9 +75,10 @@ def site_pnl(*, start: datetime, end: datetime, by_month: bool = True) -> list[P
             pnl.allocated_gpu_hours += r["g"]
     indexes: dict[int, tuple[str, PriceIndex] | None] = {}
     revenue: dict[tuple[int, date | None], dict[str, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
-    rows = (DeploymentHour.objects.filter(ts__gte=start, ts__lt=end).annotate(day=TruncDay("ts", tzinfo=UTC))
-            .values("day", "deployment__tenant_id", "deployment__model_name", "deployment__node__site_id")
-            .annotate(p=Sum("prompt_tokens"), g=Sum("generation_tokens")))
+    rows = deployment_sums(
+        start=start, end=end, group=("day", "deployment__tenant_id", "deployment__model_name",
+                                     "deployment__node__site_id"),
+        sums={"p": Sum("prompt_tokens"), "g": Sum("generation_tokens")})
     for r in rows:
         pnl = line(r["deployment__node__site_id"], r["day"])
         pnl.cost.tokens += r["p"] + r["g"]

@@ -1,14 +1,15 @@
 """Cost attribution: each GPU-hour's cost goes to whoever held the GPU, the rest to idle capacity."""
 
 from collections import defaultdict
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from django.db import transaction
 from django.db.models import Q, Sum
+from django.db.models.functions import TruncDay
 
 from portal.capacity.models import Allocation, Deployment
-from portal.economics.models import CostHour, DeploymentHour
+from portal.economics.models import CostHour, DeploymentDay, DeploymentHour
 from portal.economics.selectors import HOURS_PER_MONTH, MJ_PER_KWH
 from portal.fleet.models import Gpu, NodeStatus, ServingEndpoint, Site
 from portal.telemetry.models import GpuHour, UsageHour, UsageMinute
@@ -38,8 +39,8 @@ def gpu_hour_shares(*, allocations: list[Allocation], hour: datetime) -> dict[in
 
 
 def cost_hours_attribute(*, hours: list[datetime]) -> int:
-    """Recompute CostHour (per site and tenant, idle included) and DeploymentHour rows for these hours. Idempotent:
-    an hour's rows are replaced whole."""
+    """Recompute CostHour (per site and tenant, idle included) and DeploymentHour rows for these hours, and the
+    DeploymentDay rows of their days. Idempotent: an hour's (and a day's) rows are replaced whole."""
     if not hours:
         return 0
     hours = sorted(set(hours))
@@ -97,7 +98,22 @@ def cost_hours_attribute(*, hours: list[datetime]) -> int:
              for d, ts in keys],
             batch_size=5000,
         )
+        _deployment_days_refresh(days={h.replace(hour=0, minute=0, second=0, microsecond=0) for h in hours})
     return len(rows)
+
+
+def _deployment_days_refresh(*, days: set[datetime]) -> None:
+    """Rewrite these days' DeploymentDay rows as the sums of their DeploymentHour rows."""
+    sums = {f"sum_{name}": Sum(name) for name in (*_FIELDS, "prompt_tokens", "generation_tokens")}
+    DeploymentDay.objects.filter(ts__in=days).delete()
+    for day in days:
+        rows = (DeploymentHour.objects.filter(ts__gte=day, ts__lt=day + timedelta(days=1))
+                .annotate(day=TruncDay("ts", tzinfo=UTC)).values("deployment_id", "day").annotate(**sums).order_by())
+        DeploymentDay.objects.bulk_create(
+            [DeploymentDay(deployment_id=r["deployment_id"], ts=r["day"],
+                           **{name.removeprefix("sum_"): r[name] for name in sums}) for r in rows],
+            batch_size=5000,
+        )
 
 
 _FIELDS = ("gpu_hours", "busy_gpu_hours", "energy_kwh", "capex", "energy", "opex")
