@@ -39,6 +39,7 @@ def main() -> int:
                    "--threads", "4", "--access-logfile", "-"],
         "worker": [str(BIN / "celery"), "-A", "portal", "worker", "--beat", "--pool", "solo", "--loglevel", "INFO",
                    "--schedule", str(var / "celerybeat-schedule")],
+        "store": [str(BIN / "python"), "manage.py", "store_batches"],
     }
     for config in sorted((var / "agents").glob("*/agent.toml")):
         commands[f"agent-{config.parent.name}"] = [str(BIN / "tokenmill-agent"), "--config", str(config), "run"]
@@ -67,7 +68,7 @@ Logs: {logs}. Ctrl-C stops everything.
     try:
         while not stopping:
             for name, child in children.items():
-                if child.poll() is not None and name in ("portal", "worker"):
+                if child.poll() is not None and name in ("portal", "worker", "store"):
                     print(f"{name} exited ({child.returncode}); see {logs / (name + '.log')}", file=sys.stderr)
                     stopping = True
             time.sleep(0.5)

@@ -7,8 +7,10 @@ import urllib.request
 import pytest
 from playwright.sync_api import Page, expect
 
+from portal.fleet.models import Gpu
 from tests.factories import OperatorFactory, batch_payload, gpu_payload, gpu_uuid, node_with_credential
 from tests.test_browser import login
+from tests.worker import store_worker, wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -22,12 +24,21 @@ def send_batch(live_server, credential: str, body: dict) -> None:
         assert response.status == 200
 
 
-def test_it_updates_the_fleet_live_and_drills_into_a_node(page: Page, live_server, artifacts_dir):
+@pytest.fixture
+def stored(live_server):
+    """The store worker, as in production: batches the portal accepts reach the pages through it."""
+    with store_worker() as proc:
+        yield proc
+    assert proc.returncode == 0, "the store worker failed"
+
+
+def test_it_updates_the_fleet_live_and_drills_into_a_node(page: Page, live_server, stored, artifacts_dir):
     OperatorFactory(username="olivia")
     _node, cred = node_with_credential(hostname="iad1-h100-07")
     uuids = [gpu_uuid(), gpu_uuid()]
     send_batch(live_server, cred, batch_payload(seq=1, gpus=[gpu_payload(uuid=u, index=i, util=10.0)
                                                              for i, u in enumerate(uuids)]))
+    wait_until(lambda: Gpu.objects.filter(current_util=10.0).count() == 2, what="the store worker")
     login(page, live_server, "olivia")
     expect(page.get_by_test_id("util-now")).to_have_text("10.0%")
     page.evaluate("window.__sameDocument = true")

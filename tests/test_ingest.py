@@ -1,9 +1,12 @@
 import gzip
+import io
 import json
+import threading
 import time
 from datetime import timedelta
 
 import pytest
+from django.core.management import call_command
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -11,8 +14,10 @@ from django.utils import timezone
 from portal.alerts.models import Alert
 from portal.fleet.models import EnrollmentToken, Gpu, HealthEvent, MigInstance, Node, NodeCredential, NodeStatus
 from portal.fleet.services import enrollment_token_create
-from portal.telemetry.models import GpuSample, IngestedBatch, UsageSample
-from tests.conftest import is_postgres
+from portal.telemetry.models import GpuMinute, GpuSample, IngestedBatch, UsageSample
+from portal.telemetry.rollups import rollup_minutes
+from portal.telemetry.services import batches_store
+from tests.conftest import is_postgres, require
 from tests.factories import (
     SiteFactory,
     batch_payload,
@@ -28,7 +33,9 @@ INGEST = "/api/v1/agent/ingest"
 ENROLL = "/api/v1/agent/enroll"
 
 
-def post(client, body, credential=None, *, gzipped=False, raw=None):
+def post(client, body, credential=None, *, gzipped=False, raw=None, store=True):
+    """POST to ingest (with a credential) or enroll; an accepted batch is then stored as the store worker would,
+    unless store=False."""
     data = raw if raw is not None else json.dumps(body).encode()
     headers = {}
     if gzipped:
@@ -36,8 +43,11 @@ def post(client, body, credential=None, *, gzipped=False, raw=None):
         headers["HTTP_CONTENT_ENCODING"] = "gzip"
     if credential:
         headers["HTTP_AUTHORIZATION"] = f"Bearer {credential}"
-    return client.post(INGEST if credential is not None else ENROLL, data=data, content_type="application/json",
-                       **headers)
+    response = client.post(INGEST if credential is not None else ENROLL, data=data, content_type="application/json",
+                           **headers)
+    if store and credential is not None and response.status_code == 200:
+        batches_store()
+    return response
 
 
 def table_counts():
@@ -261,7 +271,7 @@ class TestIngest:
         assert GpuSample.objects.filter(gpu__uuid=self.uuids[0]).count() == 2
 
     @pytest.mark.parametrize("gpus", [1, 8, 32])
-    def test_it_uses_a_fixed_number_of_queries(self, client, gpus):
+    def test_it_accepts_a_batch_in_a_fixed_number_of_queries(self, client, gpus):
         node, cred = node_with_credential()
         uuids = [gpu_uuid() for _ in range(gpus)]
 
@@ -274,7 +284,134 @@ class TestIngest:
         assert post(client, body(1), cred).status_code == 200
         Node.objects.filter(pk=node.pk).update(last_seen=timezone.now())
         with CaptureQueriesContext(connection) as ctx:
-            assert post(client, body(2), cred).status_code == 200
-        # auth, seq check, GPU lookup, savepoint, batch, GPU upsert, samples, endpoint upsert, usage, release: the
-        # same for 1 or 32 GPUs (no MIG: no layout query; config from the cache). PostgreSQL's COPYs are not logged.
-        assert len(ctx.captured_queries) == (8 if is_postgres() else 10), [q["sql"][:80] for q in ctx.captured_queries]
+            assert post(client, body(2), cred, store=False).status_code == 200
+        # auth, GPU ownership, and the batch's INSERT in its own transaction (a savepoint inside the test's): the
+        # same for 1 or 32 GPUs. The agent config comes from the cache.
+        assert len(ctx.captured_queries) == 5, [q["sql"][:80] for q in ctx.captured_queries]
+
+
+def accept(client, cred: str, uuids: list[str], *, seq: int = 1, end: float | None = None) -> None:
+    """One batch of these GPUs and two endpoints, accepted but not stored."""
+    engines = [engine_payload(endpoint=f"http://127.0.0.1:{8000 + i}/metrics") for i in range(2)]
+    body = batch_payload(seq=seq, end=end, gpus=[gpu_payload(uuid=u, index=i) for i, u in enumerate(uuids)],
+                         engines=engines)
+    assert post(client, body, cred, store=False).status_code == 200
+
+
+def accepted_fleet(client, nodes: int, *, gpus: int = 8, end: float | None = None) -> list[tuple[str, list[str]]]:
+    """`nodes` nodes that each had a batch accepted (not stored); their credentials and GPU uuids."""
+    fleet = []
+    for n in range(nodes):
+        _node, cred = node_with_credential(hostname=f"gpu-{n:03d}")
+        uuids = [gpu_uuid() for _ in range(gpus)]
+        accept(client, cred, uuids, end=end)
+        fleet.append((cred, uuids))
+    return fleet
+
+
+class TestStore:
+    def test_an_accepted_batch_reaches_the_tiers_when_stored(self, client):
+        node, cred = node_with_credential(status=NodeStatus.PENDING)
+        uuid = gpu_uuid()
+        body = batch_payload(seq=1, gpus=[gpu_payload(uuid=uuid, util=42.0)], engines=[engine_payload()])
+        r = post(client, body, cred, store=False)
+        assert r.status_code == 200 and r.json()["status"] == "stored"
+        batch = IngestedBatch.objects.get()
+        assert batch.stored_at is None and json.loads(bytes(batch.payload))["seq"] == 1
+        assert (GpuSample.objects.count(), UsageSample.objects.count(), Gpu.objects.count()) == (0, 0, 0)
+        # A resend while it waits is a duplicate, a different body under its seq a conflict.
+        assert post(client, body, cred, store=False).json()["status"] == "duplicate"
+        assert post(client, {**body, "dropped_batches": 3}, cred, store=False).status_code == 409
+
+        assert batches_store() == 1
+        batch.refresh_from_db()
+        assert batch.stored_at is not None and batch.payload is None
+        assert GpuSample.objects.get().util_mean == 42.0 and Gpu.objects.get().current_util == 42.0
+        assert UsageSample.objects.get().prompt_tokens == 1000
+        node.refresh_from_db()
+        assert node.status == NodeStatus.ONLINE
+        assert batches_store() == 0
+
+    @pytest.mark.parametrize("nodes", [1, 12])
+    def test_it_stores_a_flush_in_a_fixed_number_of_queries(self, client, nodes):
+        fleet = accepted_fleet(client, nodes)
+        batches_store()  # the first batches record the nodes' host facts
+        for cred, uuids in fleet:
+            accept(client, cred, uuids, seq=2)
+        with CaptureQueriesContext(connection) as ctx:
+            assert batches_store() == nodes
+        # take (locked), nodes, known GPUs, GPU upsert, samples, endpoint upsert, usage, mark stored, and the
+        # savepoints of the flush: the same for 1 or 12 batches of 8 GPUs. PostgreSQL's COPYs are not logged;
+        # SQLite's 999-parameter limit splits the GPU upsert into one statement per few dozen GPUs.
+        columns = len([f for f in Gpu._meta.concrete_fields if not f.primary_key])
+        expected = 10 if is_postgres() else 12 + (8 * nodes - 1) // (999 // columns)
+        assert len(ctx.captured_queries) == expected, [q["sql"][:80] for q in ctx.captured_queries]
+        assert GpuSample.objects.count() == 16 * nodes and UsageSample.objects.count() == 4 * nodes
+        assert IngestedBatch.objects.filter(stored_at__isnull=True).count() == 0
+
+    def test_the_newest_reading_is_current_whatever_the_order_in_a_flush(self, client):
+        _node, cred = node_with_credential()
+        uuid = gpu_uuid()
+        now = time.time()
+        newer = batch_payload(seq=2, end=now, gpus=[gpu_payload(uuid=uuid, util=70.0)])
+        older = batch_payload(seq=1, end=now - 10, gpus=[gpu_payload(uuid=uuid, util=20.0)])
+        assert post(client, newer, cred, store=False).status_code == 200
+        assert post(client, older, cred, store=False).status_code == 200
+        assert batches_store() == 2
+        assert Gpu.objects.get().current_util == 70.0
+        assert sorted(GpuSample.objects.values_list("util_mean", flat=True)) == [20.0, 70.0]
+
+    def test_a_batch_that_cannot_be_stored_is_set_aside_and_can_be_retried(self, client):
+        fleet = accepted_fleet(client, 2)
+        bad = IngestedBatch.objects.order_by("pk").first()
+        original = bytes(bad.payload)
+        # As if the schema had been tightened between accept and store.
+        tightened = original.replace(b'"schema_version":1', b'"schema_version":9')
+        IngestedBatch.objects.filter(pk=bad.pk).update(payload=tightened)
+        assert batches_store() == 2
+        bad.refresh_from_db()
+        assert bad.stored_at is None and bad.store_error.startswith("ValidationError") and bad.payload is not None
+        assert GpuSample.objects.filter(gpu__uuid__in=fleet[1][1]).count() == 8
+        assert GpuSample.objects.filter(gpu__uuid__in=fleet[0][1]).count() == 0
+        assert batches_store() == 0  # set aside: not taken again
+
+        IngestedBatch.objects.filter(pk=bad.pk).update(payload=original)
+        out = io.StringIO()
+        call_command("store_batches", "--once", "--retry-failed", stdout=out)
+        assert out.getvalue().splitlines() == ["1 batches queued again", "1 batches stored"]
+        assert GpuSample.objects.filter(gpu__uuid__in=fleet[0][1]).count() == 8
+
+    def test_a_rollup_folds_in_a_batch_stored_after_it_ran(self, client):
+        # The watermark follows the store worker's clock, not the batches' arrival: a batch accepted before a rollup
+        # and stored after it is rolled up by the next one.
+        accepted_fleet(client, 1, gpus=1, end=time.time() - 120)
+        rollup_minutes()
+        assert not GpuMinute.objects.exists()
+        batches_store()
+        rollup_minutes(now=timezone.now() + timedelta(seconds=6))  # once the flush has settled
+        assert GpuMinute.objects.get().util_mean == 50.0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_store_workers_store_each_batch_once(client):
+    require(is_postgres(), "PostgreSQL (SELECT ... FOR UPDATE SKIP LOCKED)")
+    accepted_fleet(client, 30, gpus=2)
+    errors = []
+
+    def worker():
+        try:
+            while batches_store(limit=4):
+                pass
+        except Exception as exc:  # reported to the test thread below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert GpuSample.objects.count() == 60 and UsageSample.objects.count() == 60
+    assert IngestedBatch.objects.filter(stored_at__isnull=True).count() == 0

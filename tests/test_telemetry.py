@@ -121,7 +121,7 @@ class TestRollups:
         assert post(client, first, cred).status_code == 200
         a_minute_ago = datetime.now(tz=UTC) - timedelta(minutes=1)
         for model in (IngestedBatch, GpuSample, UsageSample):
-            model.objects.update(received_at=a_minute_ago)
+            model.objects.update(stored_at=a_minute_ago)
         rollup_minutes(now=datetime.now(tz=UTC))
         assert GpuMinute.objects.get().util_mean == 10.0
         late = batch_payload(seq=2, end=minute + 20, gpus=[gpu_payload(uuid=uuid, util=30.0)],

@@ -9,12 +9,12 @@ from django.db import transaction
 from portal.telemetry.models import GpuMinute, IngestedBatch
 from portal.telemetry.tasks import rollup_minutes
 from tests.factories import batch_payload, gpu_payload, gpu_uuid, node_with_credential
-from tests.worker import celery_worker, wait_until
+from tests.worker import celery_worker, store_worker, wait_until
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
 
-def test_it_runs_a_rollup_in_a_real_worker(client):
+def test_it_stores_batches_and_rolls_them_up_in_real_worker_processes(client):
     _node, cred = node_with_credential()
     uuid = gpu_uuid()
     end = (int(time.time()) // 60) * 60 - 60 + 30  # inside the previous minute
@@ -24,6 +24,9 @@ def test_it_runs_a_rollup_in_a_real_worker(client):
                         HTTP_AUTHORIZATION=f"Bearer {cred}")
         assert r.status_code == 200, r.content
     assert IngestedBatch.objects.count() == 2
+    with store_worker() as store:
+        wait_until(lambda: not IngestedBatch.objects.filter(stored_at__isnull=True).exists(), what="the store worker")
+    assert store.returncode == 0, "the store worker did not stop cleanly on SIGTERM"
     time.sleep(5.5)  # rollups take batches that settled (5 s), as in production
     with celery_worker() as (queue, proc):
         transaction.on_commit(lambda: rollup_minutes.apply_async(queue=queue))

@@ -47,6 +47,27 @@ def celery_worker():
         log.unlink(missing_ok=True)
 
 
+@contextmanager
+def store_worker():
+    """Start the store worker (`manage.py store_batches`) against the test database; stopped with SIGTERM on exit,
+    as systemd stops it. Yields the process."""
+    env = {**os.environ, "DATABASE_URL": database_url()}
+    log = settings.VAR_DIR / f"store-{uuid.uuid4().hex[:8]}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "manage.py", "store_batches", "--idle", "0.1"],
+                                cwd=settings.BASE_DIR, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError(f"the store worker did not stop on SIGTERM; see {log}") from None
+        log.unlink(missing_ok=True)
+
+
 def wait_until(predicate, timeout: float = 60.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -163,7 +163,7 @@ def seed_demo(*, now: datetime | None = None, days: int = 30, minute_hours: int 
                      note="Q4 fleet standard", now=now - timedelta(days=20), **{
                          f"{engine}_version": version for engine, version in VERSIONS.items()})
         for name in ("minute", "hour"):
-            RollupWatermark.objects.update_or_create(name=name, defaults={"received_until": now})
+            RollupWatermark.objects.update_or_create(name=name, defaults={"stored_until": now})
         credentials = {node.hostname: node_credential_issue(node=node) for node in nodes}
     if agents_dir is not None:
         write_agent_configs(nodes, credentials, agents_dir, portal_url)

@@ -133,10 +133,12 @@ def recent_enrollment_tokens(*, limit: int = 20) -> QuerySet[EnrollmentToken]:
 
 
 def fleet_version() -> str:
-    """A cheap fingerprint of everything the fleet page shows: the newest batch, alert changes, node statuses."""
+    """A cheap fingerprint of everything the fleet page shows: the newest stored batch (accepted ones change
+    nothing shown until the store worker has written them), alert changes, node statuses."""
     from portal.telemetry.models import IngestedBatch
 
-    batch = IngestedBatch.objects.aggregate(last=Max("id"))["last"]
+    stored = IngestedBatch.objects.aggregate(last=Max("stored_at"))["last"]
+    batch = stored.timestamp() if stored else None
     alerts = Alert.objects.aggregate(n=Count("id"), acked=Count("acknowledged_at"), resolved=Count("resolved_at"))
     nodes = Node.objects.aggregate(n=Count("id"), online=Count("id", filter=Q(status=NodeStatus.ONLINE)))
     return f"{batch}-{alerts['n']}.{alerts['acked']}.{alerts['resolved']}-{nodes['n']}.{nodes['online']}"

@@ -65,9 +65,16 @@ class FleetCollector(Collector):
                 tokens.add_metric([site, kind], value)
         yield tokens
 
-        batches = CounterMetricFamily("tokenmill_ingested_batches", "Agent batches stored")
+        batches = CounterMetricFamily("tokenmill_ingested_batches", "Agent batches accepted")
         batches.add_metric([], IngestedBatch.objects.count())
         yield batches
+        queue = GaugeMetricFamily("tokenmill_store_queue_batches",
+                                  "Accepted batches not yet in the telemetry tiers: waiting for the store worker, or "
+                                  "set aside with a store error (store_batches --retry-failed)", labels=["state"])
+        pending = IngestedBatch.objects.filter(stored_at__isnull=True)
+        queue.add_metric(["waiting"], pending.filter(store_error="").count())
+        queue.add_metric(["failed"], pending.exclude(store_error="").count())
+        yield queue
 
         alerts = GaugeMetricFamily("tokenmill_open_alerts", "Open alerts by severity", labels=["severity"])
         for severity, n in Alert.objects.filter(resolved_at__isnull=True).values_list("severity").annotate(

@@ -9,7 +9,11 @@ from django.db import models
 
 
 class IngestedBatch(models.Model):
-    """One accepted agent batch. (node, seq) is unique, so a resend is acknowledged without being stored twice."""
+    """One accepted agent batch. (node, seq) is unique, so a resend is acknowledged without being stored twice.
+
+    The ingest request validates a batch and commits it here with its payload (one INSERT): from then on it is
+    durable and acknowledged. The store worker (`batches_store`) writes the payloads of many batches into the
+    storage tiers in one transaction, sets `stored_at` and drops the payload."""
 
     node = models.ForeignKey("fleet.Node", on_delete=models.CASCADE, related_name="+")
     seq = models.BigIntegerField()
@@ -19,16 +23,23 @@ class IngestedBatch(models.Model):
     received_at = models.DateTimeField(db_index=True)
     gpu_count = models.PositiveSmallIntegerField()
     dropped_batches = models.PositiveIntegerField(default=0)
+    payload = models.BinaryField(null=True, help_text="The validated batch as JSON, until the store worker took it")
+    stored_at = models.DateTimeField(null=True, db_index=True, help_text="When its rows reached the storage tiers")
+    store_error = models.TextField(blank=True, help_text="Why the store worker could not store it (payload kept)")
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["node", "seq"], name="batch_node_seq_unique")]
-        indexes = [models.Index(fields=["node", "received_at"])]
+        indexes = [
+            models.Index(fields=["node", "received_at"]),
+            # The store worker's queue: small, because stored rows leave it.
+            models.Index(fields=["id"], condition=models.Q(stored_at__isnull=True), name="batch_pending"),
+        ]
 
 
 class GpuSample(models.Model):
     gpu = models.ForeignKey("fleet.Gpu", on_delete=models.CASCADE, related_name="+", db_index=False)
     ts = models.DateTimeField(help_text="Start of the agent interval")
-    received_at = models.DateTimeField(help_text="When the batch arrived; retention deletes only rolled-up rows")
+    stored_at = models.DateTimeField(help_text="When the store worker wrote it; retention deletes only rolled-up rows")
     seconds = models.FloatField(help_text="Length of the interval")
     util_mean = models.FloatField(null=True)
     util_max = models.FloatField(null=True)
@@ -93,7 +104,7 @@ class _Usage(models.Model):
 
 
 class UsageSample(_Usage):
-    received_at = models.DateTimeField(help_text="When the batch arrived; retention deletes only rolled-up rows")
+    stored_at = models.DateTimeField(help_text="When the store worker wrote it; retention deletes only rolled-up rows")
 
     class Meta:
         indexes = [models.Index(fields=["endpoint", "ts"]), models.Index(fields=["ts"])]
@@ -112,10 +123,10 @@ class UsageHour(_Usage):
 
 
 class RollupWatermark(models.Model):
-    """How far (by batch receive time) each rollup has processed. Re-running a rollup changes nothing."""
+    """How far (by batch store time) each rollup has processed. Re-running a rollup changes nothing."""
 
     name = models.CharField(max_length=32, unique=True)
-    received_until = models.DateTimeField()
+    stored_until = models.DateTimeField()
 
 
 class SiteHour(models.Model):

@@ -1,6 +1,6 @@
 """Minute and hour rollups, and retention. Idempotent: each rollup recomputes whole periods from the tier below,
-so re-running one changes nothing. Which periods to recompute is decided by the batches received since the
-rollup's watermark, so late batches from an agent's spool are folded in too."""
+so re-running one changes nothing. Which periods to recompute is decided by the batches the store worker wrote
+since the rollup's watermark, so late batches from an agent's spool are folded in too."""
 
 from collections import defaultdict
 from collections.abc import Iterable
@@ -29,7 +29,8 @@ from portal.telemetry.models import (
 from portal.telemetry.schemas import HISTOGRAMS
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-# Batches commit within a short transaction; rolling only what arrived this long ago never misses one in flight.
+# A store flush commits within a short transaction stamped with its start (stored_at); rolling only what was stored
+# this long ago never misses a flush in flight.
 SETTLE = timedelta(seconds=5)
 # Nodes whose affected periods all lie this close to now are rolled together in one query.
 RECENT = timedelta(minutes=15)
@@ -41,15 +42,15 @@ USAGE_FIELDS = ["prompt_tokens", "generation_tokens", "requests_ok", "requests_f
 
 def _watermark(name: str) -> datetime:
     row = RollupWatermark.objects.filter(name=name).first()
-    return row.received_until if row else EPOCH
+    return row.stored_until if row else EPOCH
 
 
 def _set_watermark(name: str, until: datetime) -> None:
-    RollupWatermark.objects.update_or_create(name=name, defaults={"received_until": until})
+    RollupWatermark.objects.update_or_create(name=name, defaults={"stored_until": until})
 
 
 def minute_rollup_covers_until() -> datetime:
-    """Batches received up to this time are in the minute tier."""
+    """Batches stored up to this time are in the minute tier."""
     return _watermark("minute")
 
 
@@ -59,9 +60,9 @@ def _floor(ts: datetime, period: timedelta) -> datetime:
 
 
 def _affected(since: datetime, until: datetime, period: timedelta) -> list[tuple[list[int], datetime, datetime]]:
-    """(node ids, start, end) ranges of periods touched by batches received in (since, until]."""
+    """(node ids, start, end) ranges of periods touched by batches stored in (since, until]."""
     spans: dict[int, list[datetime]] = {}
-    rows = IngestedBatch.objects.filter(received_at__gt=since, received_at__lte=until).values_list(
+    rows = IngestedBatch.objects.filter(stored_at__gt=since, stored_at__lte=until).values_list(
         "node_id", "interval_start", "interval_end")
     for node_id, start, end in rows:
         lo, hi = _floor(start, period), _floor(end - timedelta(microseconds=1), period) + period
@@ -214,9 +215,11 @@ def apply_retention(*, now: datetime | None = None) -> dict[str, int]:
     # receive nothing new, and the hour tier already holds them.
     minute_cutoff = now - timedelta(days=max(settings.TELEMETRY_MINUTE_RETENTION_DAYS, 30) + 1)
     deleted = {
-        "gpu_samples": GpuSample.objects.filter(ts__lt=raw_cutoff, received_at__lte=minute_wm).delete()[0],
-        "usage_samples": UsageSample.objects.filter(ts__lt=raw_cutoff, received_at__lte=minute_wm).delete()[0],
+        "gpu_samples": GpuSample.objects.filter(ts__lt=raw_cutoff, stored_at__lte=minute_wm).delete()[0],
+        "usage_samples": UsageSample.objects.filter(ts__lt=raw_cutoff, stored_at__lte=minute_wm).delete()[0],
         "gpu_minutes": GpuMinute.objects.filter(ts__lt=minute_cutoff).delete()[0],
-        "batches": IngestedBatch.objects.filter(received_at__lt=now - timedelta(days=31)).delete()[0],
+        # Only stored batches: one set aside with a store error keeps its payload until it is stored.
+        "batches": IngestedBatch.objects.filter(received_at__lt=now - timedelta(days=31),
+                                                stored_at__isnull=False).delete()[0],
     }
     return deleted

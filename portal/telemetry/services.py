@@ -1,11 +1,20 @@
-"""Ingest of agent batches: one short transaction, a query count that does not grow with the batch."""
+"""Ingest of agent batches, in two steps.
+
+The request validates a batch and commits it with its payload in one short transaction (`batch_accept`): from then
+on it is durable and acknowledged, and a resend is recognised by (node, seq). The store worker (`batches_store`,
+run continuously by `manage.py store_batches`) takes hundreds of accepted batches at a time and writes them into the
+storage tiers in one transaction: one COPY per table and one upsert of current values for all of them, so a commit
+and each statement are paid per flush, not per batch. The query counts of both steps do not grow with the batch.
+"""
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from django.db import IntegrityError, transaction
+from django.db import DataError, IntegrityError, transaction
 from django.utils import timezone
+from pydantic import ValidationError
 
 from portal.alerts.models import Severity
 from portal.alerts.services import alert_raise
@@ -22,14 +31,19 @@ from portal.fleet.models import (
 from portal.fleet.services import _apply_host_facts, node_mark_status
 from portal.telemetry.bulk import insert_rows
 from portal.telemetry.models import GpuSample, IngestedBatch, UsageSample
-from portal.telemetry.schemas import HISTOGRAMS, BatchIn
+from portal.telemetry.schemas import HISTOGRAMS, BatchIn, EngineIn, GpuIn, MigInstanceIn
 from portal.telemetry.xid import xid_alert
+
+logger = logging.getLogger(__name__)
 
 MAX_FUTURE = timedelta(minutes=5)
 MAX_PAST = timedelta(days=30)
 LAST_SEEN_EVERY = timedelta(minutes=1)
 # A batch older than this many intervals is a replay from the agent's spool: it adds history, not current state.
 FRESH_INTERVALS = 3
+# Batches per store transaction: large enough to share the commit and statement costs, small enough to keep the
+# transaction well inside the rollups' settle time (telemetry.rollups.SETTLE).
+STORE_BATCHES = 500
 
 _GPU_CURRENT_FIELDS = [
     "index", "name", "pci_bus_id", "memory_total_mib", "power_limit_w", "mig_mode", "cc_mode",
@@ -57,11 +71,7 @@ class SeqConflict(Exception):
 @dataclass(frozen=True)
 class IngestResult:
     seq: int
-    status: str  # "stored" or "duplicate"
-
-
-def batch_digest(batch: BatchIn) -> str:
-    return hashlib.sha256(batch.model_dump_json().encode()).hexdigest()
+    status: str  # "stored" (durably accepted) or "duplicate"
 
 
 def _utc(epoch: float) -> datetime:
@@ -78,101 +88,170 @@ def _check_times(batch: BatchIn, now: datetime) -> None:
             raise IngestRejected(loc, "timestamp is more than 30 days old")
 
 
-def batch_ingest(*, credential: NodeCredential, batch: BatchIn, now: datetime | None = None) -> IngestResult:
-    """Store a batch all-or-nothing. A resend of a stored seq is acknowledged as a duplicate; the same seq with
-    different content raises SeqConflict."""
+def _check_gpus(node: Node, batch: BatchIn) -> None:
+    uuids = [g.uuid for g in batch.gpus]
+    foreign = set(Gpu.objects.filter(uuid__in=uuids).exclude(node_id=node.pk).values_list("uuid", flat=True)) if (
+        uuids) else set()
+    for i, gpu in enumerate(batch.gpus):
+        if gpu.uuid in foreign:
+            raise IngestRejected(["gpus", i, "uuid"], "GPU belongs to another node")
+    for i, event in enumerate(batch.events):
+        if event.gpu_uuid is not None and event.gpu_uuid not in uuids:
+            raise IngestRejected(["events", i, "gpu_uuid"], "GPU is not part of this batch")
+
+
+def batch_accept(*, credential: NodeCredential, batch: BatchIn, now: datetime | None = None) -> IngestResult:
+    """Accept a batch: check what needs the database (clock, GPU ownership) and commit it whole, or nothing. A
+    resend of an accepted seq is acknowledged as a duplicate; the same seq with different content raises
+    SeqConflict. Its rows reach the storage tiers when the store worker takes it (batches_store)."""
     now = now or timezone.now()
     node = credential.node
     _check_times(batch, now)
-    digest = batch_digest(batch)
-    stored = IngestedBatch.objects.filter(node=node, seq=batch.seq).values_list("digest", flat=True).first()
-    if stored is not None:
-        return _duplicate_or_conflict(batch.seq, stored, digest)
-
-    uuids = [g.uuid for g in batch.gpus]
-    known_rows = Gpu.objects.filter(uuid__in=uuids).values_list("pk", "uuid", "node_id", "mig_mode")
-    known = {uuid: (pk, node_id) for pk, uuid, node_id, _mig in known_rows}
-    mig_known = any(mig for _pk, _uuid, _node, mig in known_rows)
-    for i, gpu in enumerate(batch.gpus):
-        if gpu.uuid in known and known[gpu.uuid][1] != node.pk:
-            raise IngestRejected(["gpus", i, "uuid"], "GPU belongs to another node")
-    event_uuids = set(uuids) | set(known)
-    for i, event in enumerate(batch.events):
-        if event.gpu_uuid is not None and event.gpu_uuid not in event_uuids:
-            raise IngestRejected(["events", i, "gpu_uuid"], "GPU is not part of this batch")
-
-    start, end = _utc(batch.interval_start), _utc(batch.interval_end)
-    fresh = end >= now - timedelta(seconds=FRESH_INTERVALS * node.interval_s)
+    _check_gpus(node, batch)
+    payload = batch.model_dump_json().encode()
+    digest = hashlib.sha256(payload).hexdigest()
     try:
         with transaction.atomic():
             IngestedBatch.objects.create(
-                node=node, seq=batch.seq, digest=digest, interval_start=start, interval_end=end, received_at=now,
-                gpu_count=len(batch.gpus), dropped_batches=batch.dropped_batches,
+                node=node, seq=batch.seq, digest=digest, interval_start=_utc(batch.interval_start),
+                interval_end=_utc(batch.interval_end), received_at=now, gpu_count=len(batch.gpus),
+                dropped_batches=batch.dropped_batches, payload=payload,
             )
-            gpu_ids = _store_gpus(node, batch, known, start, end, fresh, now, mig_known)
-            _store_usage(node, batch, start, end, fresh, now)
-            _store_events(node, batch, gpu_ids)
-            _touch_node(node, credential, batch, now, fresh)
     except IntegrityError:
-        # A concurrent request stored this seq first (the unique constraint decided); answer as for a resend.
+        # This seq is already there (a resend, or a concurrent request that won): the unique constraint decided.
         stored = IngestedBatch.objects.filter(node=node, seq=batch.seq).values_list("digest", flat=True).first()
         if stored is None:
             raise
-        return _duplicate_or_conflict(batch.seq, stored, digest)
+        if stored != digest:
+            raise SeqConflict(f"seq {batch.seq} was already stored with different content") from None
+        return IngestResult(seq=batch.seq, status="duplicate")
+    if node.last_seen is None or node.last_seen < now - LAST_SEEN_EVERY:
+        Node.objects.filter(pk=node.pk).update(last_seen=now)
+        NodeCredential.objects.filter(pk=credential.pk).update(last_used_at=now)
     return IngestResult(seq=batch.seq, status="stored")
 
 
-def _duplicate_or_conflict(seq: int, stored: str, digest: str) -> IngestResult:
-    if stored != digest:
-        raise SeqConflict(f"seq {seq} was already stored with different content")
-    return IngestResult(seq=seq, status="duplicate")
+@dataclass
+class _Taken:
+    pk: int
+    node: Node
+    received_at: datetime
+    batch: BatchIn
+    fresh: bool
 
 
-def _store_gpus(
-    node: Node, batch: BatchIn, known: dict[str, tuple[int, int]], start: datetime, end: datetime, fresh: bool,
-    received_at: datetime, mig_known: bool,
-) -> dict[str, int]:
-    rows = []
-    for g in batch.gpus:
-        rows.append(Gpu(
-            node=node, uuid=g.uuid, index=g.index, name=g.name, pci_bus_id=g.pci_bus_id or "",
-            memory_total_mib=g.memory_total_mib, power_limit_w=g.power_limit_w, mig_mode=bool(g.mig_mode),
-            cc_mode=g.cc_mode or "", current_util=g.util_mean, current_power_w=g.power_mean_w,
-            current_temp_c=g.temp_max_c, current_memory_used_mib=g.memory_used_mib, current_at=end,
-            ecc_uncorrected_total=g.ecc_uncorrected_total, retired_pages=g.retired_pages,
-            remapped_rows_failure=g.remapped_rows_failure,
-        ))
-    if fresh and rows:
-        Gpu.objects.bulk_create(rows, update_conflicts=True, unique_fields=["uuid"], update_fields=_GPU_CURRENT_FIELDS)
-    elif rows:
-        Gpu.objects.bulk_create([r for r in rows if r.uuid not in known])
-    ids = {uuid: pk for uuid, (pk, _node) in known.items()}
-    ids.update({r.uuid: r.pk for r in rows if r.pk is not None})
-    # MIG layouts are only read when MIG is (or was) in play: most batches skip a query.
-    if fresh and (mig_known or any(g.mig_mode or g.mig_instances for g in batch.gpus)):
-        _sync_mig(batch, ids)
-    seconds = batch.interval_end - batch.interval_start
-    insert_rows(GpuSample, [
-        {
-            "gpu_id": ids[g.uuid], "ts": start, "received_at": received_at, "seconds": seconds,
-            "util_mean": g.util_mean, "util_max": g.util_max, "mem_util_mean": g.mem_util_mean,
-            "memory_used_mib": g.memory_used_mib, "power_mean_w": g.power_mean_w, "energy_mj": g.energy_mj,
-            "temp_max_c": g.temp_max_c, "sm_clock_mhz": g.sm_clock_mhz,
-        }
-        for g in batch.gpus
-    ])
+# What a batch's own content can cause: a constraint or value the database refuses, or a payload that no longer
+# validates (a schema tightened between accept and store).
+_UNSTORABLE = (IntegrityError, DataError, ValidationError)
+
+
+def batches_store(*, limit: int = STORE_BATCHES) -> int:
+    """Write up to `limit` accepted batches into the storage tiers in one transaction; returns how many were taken.
+    Several workers may run: each skips the batches another holds. A flush that fails on its data is retried batch
+    by batch, and a batch that cannot be stored is set aside with its error (payload kept; `store_batches
+    --retry-failed` queues it again), so it never blocks the queue. Losing the database raises: nothing is set
+    aside for that."""
+    with transaction.atomic():
+        rows = list(IngestedBatch.objects.filter(stored_at__isnull=True, store_error="").order_by("pk")
+                    .select_for_update(skip_locked=True)
+                    .values_list("pk", "node_id", "received_at", "payload")[:limit])
+        if not rows:
+            return 0
+        try:
+            with transaction.atomic():
+                _store(rows)
+        except _UNSTORABLE:
+            logger.exception("storing %d batches failed; storing them one by one", len(rows))
+            for row in rows:
+                try:
+                    with transaction.atomic():
+                        _store([row])
+                except _UNSTORABLE as exc:
+                    logger.exception("batch %d could not be stored; set aside", row[0])
+                    IngestedBatch.objects.filter(pk=row[0]).update(store_error=f"{type(exc).__name__}: {exc}"[:2000])
+    return len(rows)
+
+
+def _store(rows: list[tuple]) -> None:
+    now = timezone.now()
+    nodes = Node.objects.in_bulk({node_id for _pk, node_id, _received, _payload in rows})
+    taken = []
+    for pk, node_id, received_at, payload in rows:
+        node = nodes[node_id]
+        batch = BatchIn.model_validate_json(bytes(payload))
+        fresh = _utc(batch.interval_end) >= received_at - timedelta(seconds=FRESH_INTERVALS * node.interval_s)
+        taken.append(_Taken(pk=pk, node=node, received_at=received_at, batch=batch, fresh=fresh))
+    gpu_ids = _store_gpus(taken, now)
+    _store_usage(taken, now)
+    _store_events(taken, gpu_ids)
+    _update_nodes(taken)
+    IngestedBatch.objects.filter(pk__in=[t.pk for t in taken]).update(stored_at=now, payload=None)
+
+
+def _newest(current: dict, key, item: _Taken, value) -> None:
+    """Keep, per key, the value from the newest fresh batch (or, failing any, the newest replayed one)."""
+    rank = (item.fresh, item.batch.interval_end)
+    if key not in current or rank > current[key][0]:
+        current[key] = (rank, item, value)
+
+
+def _store_gpus(taken: list[_Taken], now: datetime) -> dict[tuple[int, str], int]:
+    """Upsert the GPUs' current values from the newest reading of each, append every sample; (node, uuid) -> id."""
+    uuids = {g.uuid for t in taken for g in t.batch.gpus}
+    known = {uuid: (pk, node_id, mig) for pk, uuid, node_id, mig in
+             Gpu.objects.filter(uuid__in=uuids).values_list("pk", "uuid", "node_id", "mig_mode")}
+    current: dict[str, tuple] = {}
+    for t in taken:
+        for g in t.batch.gpus:
+            owner = known.get(g.uuid)
+            # A GPU another node claimed first (checked on accept, so only a race) is left to its owner; a known
+            # GPU in a replay keeps the current state it has.
+            if owner is None or (owner[1] == t.node.pk and t.fresh):
+                _newest(current, g.uuid, t, g)
+    upserts = [_gpu_row(t, g) for _rank, t, g in current.values()]
+    ids = {(node_id, uuid): pk for uuid, (pk, node_id, _mig) in known.items()}
+    if upserts:
+        Gpu.objects.bulk_create(upserts, update_conflicts=True, unique_fields=["uuid"],
+                                update_fields=_GPU_CURRENT_FIELDS)
+        ids.update({(r.node_id, r.uuid): r.pk for r in upserts})
+    # MIG layouts are only read when MIG is (or was) in play: most flushes skip a query.
+    layouts = [(ids[(t.node.pk, g.uuid)], g.mig_instances) for _rank, t, g in current.values()
+               if t.fresh and (g.mig_mode or g.mig_instances or known.get(g.uuid, (0, 0, False))[2])]
+    if layouts:
+        _sync_mig(layouts)
+    samples = []
+    for t in taken:
+        start, seconds = _utc(t.batch.interval_start), t.batch.interval_end - t.batch.interval_start
+        for g in t.batch.gpus:
+            gpu_id = ids.get((t.node.pk, g.uuid))
+            if gpu_id is None:
+                logger.warning("batch %d: GPU %s belongs to another node; its samples are not stored", t.pk, g.uuid)
+                continue
+            samples.append({
+                "gpu_id": gpu_id, "ts": start, "stored_at": now, "seconds": seconds,
+                "util_mean": g.util_mean, "util_max": g.util_max, "mem_util_mean": g.mem_util_mean,
+                "memory_used_mib": g.memory_used_mib, "power_mean_w": g.power_mean_w, "energy_mj": g.energy_mj,
+                "temp_max_c": g.temp_max_c, "sm_clock_mhz": g.sm_clock_mhz,
+            })
+    insert_rows(GpuSample, samples)
     return ids
 
 
-def _sync_mig(batch: BatchIn, ids: dict[str, int]) -> None:
-    reported = {
-        (ids[g.uuid], m.gi_id): (m.profile, m.uuid or "", m.memory_total_mib)
-        for g in batch.gpus
-        for m in g.mig_instances
-    }
-    existing = {
-        (m.gpu_id, m.gi_id): m for m in MigInstance.objects.filter(gpu_id__in=[ids[g.uuid] for g in batch.gpus])
-    }
+def _gpu_row(t: _Taken, g: GpuIn) -> Gpu:
+    return Gpu(
+        node=t.node, uuid=g.uuid, index=g.index, name=g.name, pci_bus_id=g.pci_bus_id or "",
+        memory_total_mib=g.memory_total_mib, power_limit_w=g.power_limit_w, mig_mode=bool(g.mig_mode),
+        cc_mode=g.cc_mode or "", current_util=g.util_mean, current_power_w=g.power_mean_w,
+        current_temp_c=g.temp_max_c, current_memory_used_mib=g.memory_used_mib,
+        current_at=_utc(t.batch.interval_end), ecc_uncorrected_total=g.ecc_uncorrected_total,
+        retired_pages=g.retired_pages, remapped_rows_failure=g.remapped_rows_failure,
+    )
+
+
+def _sync_mig(layouts: list[tuple[int, list[MigInstanceIn]]]) -> None:
+    reported = {(gpu_id, m.gi_id): (m.profile, m.uuid or "", m.memory_total_mib)
+                for gpu_id, instances in layouts for m in instances}
+    existing = {(m.gpu_id, m.gi_id): m for m in MigInstance.objects.filter(gpu_id__in=[g for g, _ in layouts])}
     stale = [m.pk for key, m in existing.items() if reported.get(key) != (m.profile, m.uuid, m.memory_total_mib)]
     if stale:
         MigInstance.objects.filter(pk__in=stale).delete()
@@ -185,42 +264,45 @@ def _sync_mig(batch: BatchIn, ids: dict[str, int]) -> None:
         )
 
 
-def _store_usage(
-    node: Node, batch: BatchIn, start: datetime, end: datetime, fresh: bool, received_at: datetime
-) -> None:
-    if not batch.engines:
+def _store_usage(taken: list[_Taken], now: datetime) -> None:
+    if not any(t.batch.engines for t in taken):
         return
-    rows = [
-        ServingEndpoint(
-            node=node, url=e.endpoint, model=e.model, engine=e.engine, version=e.version or "",
-            settings=e.settings, up=e.up, probe_latency_ms=e.probe_latency_ms, running=e.running,
-            waiting=e.waiting, kv_cache_usage=e.kv_cache_usage, last_seen=end,
-        )
-        for e in batch.engines
-    ]
-    if fresh:
-        ServingEndpoint.objects.bulk_create(
-            rows, update_conflicts=True, unique_fields=["node", "url", "model"], update_fields=_ENDPOINT_CURRENT_FIELDS
-        )
-        ids = {(r.url, r.model): r.pk for r in rows}
-    else:
-        ids = {
-            (url, model): pk
-            for pk, url, model in ServingEndpoint.objects.filter(node=node).values_list("pk", "url", "model")
-        }
-        missing = [r for r in rows if (r.url, r.model) not in ids]
-        ServingEndpoint.objects.bulk_create(missing)
-        ids.update({(r.url, r.model): r.pk for r in missing})
+    current: dict[tuple[int, str, str], tuple] = {}
+    for t in taken:
+        if t.fresh:
+            for e in t.batch.engines:
+                _newest(current, (t.node.pk, e.endpoint, e.model), t, e)
+    upserts = [_endpoint_row(t, e) for _rank, t, e in current.values()]
+    if upserts:
+        ServingEndpoint.objects.bulk_create(upserts, update_conflicts=True, unique_fields=["node", "url", "model"],
+                                            update_fields=_ENDPOINT_CURRENT_FIELDS)
+    ids = {(r.node_id, r.url, r.model): r.pk for r in upserts}
+    replayed = {(t.node.pk, e.endpoint, e.model) for t in taken for e in t.batch.engines} - ids.keys()
+    if replayed:
+        # Endpoints only seen in replays: look them up, and create the ones this portal has never seen.
+        ids.update({(node_id, url, model): pk for pk, node_id, url, model in ServingEndpoint.objects.filter(
+            node_id__in={key[0] for key in replayed}).values_list("pk", "node_id", "url", "model")})
+        missing = {key: (t, e) for t in taken for e in t.batch.engines
+                   if (key := (t.node.pk, e.endpoint, e.model)) in replayed and key not in ids}
+        created = ServingEndpoint.objects.bulk_create([_endpoint_row(t, e) for t, e in missing.values()])
+        ids.update({(r.node_id, r.url, r.model): r.pk for r in created})
     insert_rows(UsageSample, [
         {
-            "endpoint_id": ids[(e.endpoint, e.model)], "ts": start, "received_at": received_at,
-            "prompt_tokens": e.prompt_tokens,
-            "generation_tokens": e.generation_tokens, "requests_ok": e.requests_ok,
-            "requests_failed": e.requests_failed, "probes": 1, "probes_up": int(e.up),
+            "endpoint_id": ids[(t.node.pk, e.endpoint, e.model)], "ts": _utc(t.batch.interval_start),
+            "stored_at": now, "prompt_tokens": e.prompt_tokens, "generation_tokens": e.generation_tokens,
+            "requests_ok": e.requests_ok, "requests_failed": e.requests_failed, "probes": 1, "probes_up": int(e.up),
             **{name: getattr(e, name).model_dump() if getattr(e, name) else None for name in HISTOGRAMS},
         }
-        for e in batch.engines
+        for t in taken for e in t.batch.engines
     ])
+
+
+def _endpoint_row(t: _Taken, e: EngineIn) -> ServingEndpoint:
+    return ServingEndpoint(
+        node=t.node, url=e.endpoint, model=e.model, engine=e.engine, version=e.version or "", settings=e.settings,
+        up=e.up, probe_latency_ms=e.probe_latency_ms, running=e.running, waiting=e.waiting,
+        kv_cache_usage=e.kv_cache_usage, last_seen=_utc(t.batch.interval_end),
+    )
 
 
 _EVENT_SEVERITY = {
@@ -232,16 +314,16 @@ _EVENT_SEVERITY = {
 }
 
 
-def _store_events(node: Node, batch: BatchIn, gpu_ids: dict[str, int]) -> None:
-    if not batch.events:
-        return
+def _store_events(taken: list[_Taken], gpu_ids: dict[tuple[int, str], int]) -> None:
     events = [
         HealthEvent(
-            node=node, gpu_id=gpu_ids.get(e.gpu_uuid) if e.gpu_uuid else None, kind=e.kind, code=e.code,
-            detail=e.detail, at=_utc(e.ts),
+            node=t.node, gpu_id=gpu_ids.get((t.node.pk, e.gpu_uuid)) if e.gpu_uuid else None, kind=e.kind,
+            code=e.code, detail=e.detail, at=_utc(e.ts),
         )
-        for e in batch.events
+        for t in taken for e in t.batch.events
     ]
+    if not events:
+        return
     HealthEvent.objects.bulk_create(events)
     for event in events:
         if event.kind == HealthEventKind.XID:
@@ -254,19 +336,22 @@ def _store_events(node: Node, batch: BatchIn, gpu_ids: dict[str, int]) -> None:
         else:
             continue
         alert_raise(
-            key=f"{event.kind}:{event.code or ''}:{event.gpu_id or node.pk}", kind=event.kind, severity=severity,
-            title=f"{title} on {node.hostname}", detail=event.detail, at=event.at, node_id=node.pk,
-            gpu_id=event.gpu_id,
+            key=f"{event.kind}:{event.code or ''}:{event.gpu_id or event.node.pk}", kind=event.kind,
+            severity=severity, title=f"{title} on {event.node.hostname}", detail=event.detail, at=event.at,
+            node_id=event.node.pk, gpu_id=event.gpu_id,
         )
 
 
-def _touch_node(node: Node, credential: NodeCredential, batch: BatchIn, now: datetime, fresh: bool) -> None:
-    changed = _apply_host_facts(node, batch.host.model_dump()) if fresh else []
-    if node.last_seen is None or node.last_seen < now - LAST_SEEN_EVERY:
-        node.last_seen = now
-        changed.append("last_seen")
-        NodeCredential.objects.filter(pk=credential.pk).update(last_used_at=now)
-    if changed:
-        node.save(update_fields=changed)
-    if fresh and node.status in (NodeStatus.PENDING, NodeStatus.OFFLINE):
-        node_mark_status(node=node, status=NodeStatus.ONLINE, at=now, reason=f"batch seq {batch.seq} received")
+def _update_nodes(taken: list[_Taken]) -> None:
+    """Host facts from each node's newest fresh batch; a pending or offline node that reported is online."""
+    newest: dict[int, tuple] = {}
+    for t in taken:
+        if t.fresh:
+            _newest(newest, t.node.pk, t, None)
+    for _rank, t, _value in newest.values():
+        changed = _apply_host_facts(t.node, t.batch.host.model_dump())
+        if changed:
+            t.node.save(update_fields=changed)
+        if t.node.status in (NodeStatus.PENDING, NodeStatus.OFFLINE):
+            node_mark_status(node=t.node, status=NodeStatus.ONLINE, at=t.received_at,
+                             reason=f"batch seq {t.batch.seq} received")
