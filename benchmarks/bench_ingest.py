@@ -535,10 +535,10 @@ def compare_store_vs_copy(fleet: list[NodeSpec], db_url: str, args: argparse.Nam
                     ServingEndpoint.objects.filter(node_id__in=ids).values_list("pk", "node_id", "url", "model")}
     columns = {
         IngestedBatch: ["node_id", "seq", "digest", "interval_start", "interval_end", "received_at", "gpu_count",
-                        "dropped_batches"],
-        GpuSample: ["gpu_id", "ts", "received_at", "seconds", "util_mean", "util_max", "mem_util_mean",
+                        "dropped_batches", "stored_at", "store_error"],
+        GpuSample: ["gpu_id", "ts", "stored_at", "seconds", "util_mean", "util_max", "mem_util_mean",
                     "memory_used_mib", "power_mean_w", "energy_mj", "temp_max_c", "sm_clock_mhz"],
-        UsageSample: ["endpoint_id", "ts", "received_at", "prompt_tokens", "generation_tokens", "requests_ok",
+        UsageSample: ["endpoint_id", "ts", "stored_at", "prompt_tokens", "generation_tokens", "requests_ok",
                       "requests_failed", "probes", "probes_up", "ttft", "itl", "e2e"],
     }
     statements = {
@@ -566,7 +566,7 @@ def compare_store_vs_copy(fleet: list[NodeSpec], db_url: str, args: argparse.Nam
         seconds = batch.interval_end - batch.interval_start
         return {
             IngestedBatch: [(spec.pk, batch.seq, hashlib.sha256(batch.model_dump_json().encode()).hexdigest(), start,
-                             end, now, len(batch.gpus), 0)],
+                             end, now, len(batch.gpus), 0, now, "")],
             GpuSample: [(gpu_ids[g.uuid], start, now, seconds, g.util_mean, g.util_max, g.mem_util_mean,
                          g.memory_used_mib, g.power_mean_w, g.energy_mj, g.temp_max_c, g.sm_clock_mhz)
                         for g in batch.gpus],

@@ -29,7 +29,7 @@ from portal.fleet.models import (
     ServingEndpoint,
 )
 from portal.fleet.services import _apply_host_facts, node_mark_status
-from portal.telemetry.bulk import insert_rows
+from portal.telemetry.bulk import insert_rows, update_rows
 from portal.telemetry.models import GpuSample, IngestedBatch, UsageSample
 from portal.telemetry.schemas import HISTOGRAMS, BatchIn, EngineIn, GpuIn, MigInstanceIn
 from portal.telemetry.xid import xid_alert
@@ -44,15 +44,6 @@ FRESH_INTERVALS = 3
 # Batches per store transaction: large enough to share the commit and statement costs, small enough to keep the
 # transaction well inside the rollups' settle time (telemetry.rollups.SETTLE).
 STORE_BATCHES = 500
-
-_GPU_CURRENT_FIELDS = [
-    "index", "name", "pci_bus_id", "memory_total_mib", "power_limit_w", "mig_mode", "cc_mode",
-    "current_util", "current_power_w", "current_temp_c", "current_memory_used_mib", "current_at",
-    "ecc_uncorrected_total", "retired_pages", "remapped_rows_failure",
-]
-_ENDPOINT_CURRENT_FIELDS = [
-    "engine", "version", "settings", "up", "probe_latency_ms", "running", "waiting", "kv_cache_usage", "last_seen",
-]
 
 
 class IngestRejected(Exception):
@@ -196,7 +187,8 @@ def _newest(current: dict, key, item: _Taken, value) -> None:
 
 
 def _store_gpus(taken: list[_Taken], now: datetime) -> dict[tuple[int, str], int]:
-    """Upsert the GPUs' current values from the newest reading of each, append every sample; (node, uuid) -> id."""
+    """Set the GPUs' current values from the newest reading of each (creating GPUs seen for the first time),
+    append every sample; returns (node, uuid) -> GPU id."""
     uuids = {g.uuid for t in taken for g in t.batch.gpus}
     known = {uuid: (pk, node_id, mig) for pk, uuid, node_id, mig in
              Gpu.objects.filter(uuid__in=uuids).values_list("pk", "uuid", "node_id", "mig_mode")}
@@ -208,12 +200,14 @@ def _store_gpus(taken: list[_Taken], now: datetime) -> dict[tuple[int, str], int
             # GPU in a replay keeps the current state it has.
             if owner is None or (owner[1] == t.node.pk and t.fresh):
                 _newest(current, g.uuid, t, g)
-    upserts = [_gpu_row(t, g) for _rank, t, g in current.values()]
+    created = [Gpu(node=t.node, uuid=uuid, **_gpu_current(t, g))
+               for uuid, (_rank, t, g) in current.items() if uuid not in known]
+    if created:
+        Gpu.objects.bulk_create(created)
+    update_rows(Gpu, [{"id": known[uuid][0], **_gpu_current(t, g)}
+                      for uuid, (_rank, t, g) in current.items() if uuid in known])
     ids = {(node_id, uuid): pk for uuid, (pk, node_id, _mig) in known.items()}
-    if upserts:
-        Gpu.objects.bulk_create(upserts, update_conflicts=True, unique_fields=["uuid"],
-                                update_fields=_GPU_CURRENT_FIELDS)
-        ids.update({(r.node_id, r.uuid): r.pk for r in upserts})
+    ids.update({(r.node_id, r.uuid): r.pk for r in created})
     # MIG layouts are only read when MIG is (or was) in play: most flushes skip a query.
     layouts = [(ids[(t.node.pk, g.uuid)], g.mig_instances) for _rank, t, g in current.values()
                if t.fresh and (g.mig_mode or g.mig_instances or known.get(g.uuid, (0, 0, False))[2])]
@@ -237,15 +231,15 @@ def _store_gpus(taken: list[_Taken], now: datetime) -> dict[tuple[int, str], int
     return ids
 
 
-def _gpu_row(t: _Taken, g: GpuIn) -> Gpu:
-    return Gpu(
-        node=t.node, uuid=g.uuid, index=g.index, name=g.name, pci_bus_id=g.pci_bus_id or "",
-        memory_total_mib=g.memory_total_mib, power_limit_w=g.power_limit_w, mig_mode=bool(g.mig_mode),
-        cc_mode=g.cc_mode or "", current_util=g.util_mean, current_power_w=g.power_mean_w,
-        current_temp_c=g.temp_max_c, current_memory_used_mib=g.memory_used_mib,
-        current_at=_utc(t.batch.interval_end), ecc_uncorrected_total=g.ecc_uncorrected_total,
-        retired_pages=g.retired_pages, remapped_rows_failure=g.remapped_rows_failure,
-    )
+def _gpu_current(t: _Taken, g: GpuIn) -> dict:
+    return {
+        "index": g.index, "name": g.name, "pci_bus_id": g.pci_bus_id or "", "memory_total_mib": g.memory_total_mib,
+        "power_limit_w": g.power_limit_w, "mig_mode": bool(g.mig_mode), "cc_mode": g.cc_mode or "",
+        "current_util": g.util_mean, "current_power_w": g.power_mean_w, "current_temp_c": g.temp_max_c,
+        "current_memory_used_mib": g.memory_used_mib, "current_at": _utc(t.batch.interval_end),
+        "ecc_uncorrected_total": g.ecc_uncorrected_total, "retired_pages": g.retired_pages,
+        "remapped_rows_failure": g.remapped_rows_failure,
+    }
 
 
 def _sync_mig(layouts: list[tuple[int, list[MigInstanceIn]]]) -> None:
@@ -265,27 +259,26 @@ def _sync_mig(layouts: list[tuple[int, list[MigInstanceIn]]]) -> None:
 
 
 def _store_usage(taken: list[_Taken], now: datetime) -> None:
-    if not any(t.batch.engines for t in taken):
+    """Set each endpoint's current state from its newest fresh reading (creating endpoints seen for the first
+    time, from replays too), append every interval's usage."""
+    keys = {(t.node.pk, e.endpoint, e.model) for t in taken for e in t.batch.engines}
+    if not keys:
         return
+    ids = {(node_id, url, model): pk for pk, node_id, url, model in ServingEndpoint.objects.filter(
+        node_id__in={key[0] for key in keys}).values_list("pk", "node_id", "url", "model")}
     current: dict[tuple[int, str, str], tuple] = {}
     for t in taken:
-        if t.fresh:
-            for e in t.batch.engines:
-                _newest(current, (t.node.pk, e.endpoint, e.model), t, e)
-    upserts = [_endpoint_row(t, e) for _rank, t, e in current.values()]
-    if upserts:
-        ServingEndpoint.objects.bulk_create(upserts, update_conflicts=True, unique_fields=["node", "url", "model"],
-                                            update_fields=_ENDPOINT_CURRENT_FIELDS)
-    ids = {(r.node_id, r.url, r.model): r.pk for r in upserts}
-    replayed = {(t.node.pk, e.endpoint, e.model) for t in taken for e in t.batch.engines} - ids.keys()
-    if replayed:
-        # Endpoints only seen in replays: look them up, and create the ones this portal has never seen.
-        ids.update({(node_id, url, model): pk for pk, node_id, url, model in ServingEndpoint.objects.filter(
-            node_id__in={key[0] for key in replayed}).values_list("pk", "node_id", "url", "model")})
-        missing = {key: (t, e) for t in taken for e in t.batch.engines
-                   if (key := (t.node.pk, e.endpoint, e.model)) in replayed and key not in ids}
-        created = ServingEndpoint.objects.bulk_create([_endpoint_row(t, e) for t, e in missing.values()])
-        ids.update({(r.node_id, r.url, r.model): r.pk for r in created})
+        for e in t.batch.engines:
+            key = (t.node.pk, e.endpoint, e.model)
+            if t.fresh or key not in ids:
+                _newest(current, key, t, e)
+    created = [ServingEndpoint(node=t.node, url=e.endpoint, model=e.model, **_endpoint_current(t, e))
+               for key, (_rank, t, e) in current.items() if key not in ids]
+    if created:
+        ServingEndpoint.objects.bulk_create(created)
+    update_rows(ServingEndpoint, [{"id": ids[key], **_endpoint_current(t, e)}
+                                  for key, (_rank, t, e) in current.items() if key in ids])
+    ids.update({(r.node_id, r.url, r.model): r.pk for r in created})
     insert_rows(UsageSample, [
         {
             "endpoint_id": ids[(t.node.pk, e.endpoint, e.model)], "ts": _utc(t.batch.interval_start),
@@ -297,12 +290,12 @@ def _store_usage(taken: list[_Taken], now: datetime) -> None:
     ])
 
 
-def _endpoint_row(t: _Taken, e: EngineIn) -> ServingEndpoint:
-    return ServingEndpoint(
-        node=t.node, url=e.endpoint, model=e.model, engine=e.engine, version=e.version or "", settings=e.settings,
-        up=e.up, probe_latency_ms=e.probe_latency_ms, running=e.running, waiting=e.waiting,
-        kv_cache_usage=e.kv_cache_usage, last_seen=_utc(t.batch.interval_end),
-    )
+def _endpoint_current(t: _Taken, e: EngineIn) -> dict:
+    return {
+        "engine": e.engine, "version": e.version or "", "settings": e.settings, "up": e.up,
+        "probe_latency_ms": e.probe_latency_ms, "running": e.running, "waiting": e.waiting,
+        "kv_cache_usage": e.kv_cache_usage, "last_seen": _utc(t.batch.interval_end),
+    }
 
 
 _EVENT_SEVERITY = {
