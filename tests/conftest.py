@@ -7,6 +7,7 @@ from django.core.cache import cache
 from django.db import connection
 
 from portal.celery import app as celery_app
+from portal.telemetry.api import _agent_config
 
 # Playwright's sync API runs an event loop in the test thread; the Django calls the tests make are still sync.
 os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
@@ -34,10 +35,13 @@ def _celery_eager():
 
 @pytest.fixture(autouse=True)
 def _clear_cache():
-    """Rate-limit counters live in the cache; row ids repeat across rolled-back tests."""
+    """Rate-limit counters live in the cache, agent configs in the process; row ids repeat across rolled-back
+    tests."""
     cache.clear()
+    _agent_config.cache_clear()
     yield
     cache.clear()
+    _agent_config.cache_clear()
 
 
 @pytest.fixture(scope="session")
