@@ -1,9 +1,9 @@
 """Ingest of agent batches, in two steps.
 
-The request validates a batch and commits it with its payload in one short transaction (`batch_accept`): from then
-on it is durable and acknowledged, and a resend is recognised by (node, seq). The store worker (`batches_store`,
-run continuously by `manage.py store_batches`) takes hundreds of accepted batches at a time and writes them into the
-storage tiers in one transaction: one COPY per table and one upsert of current values for all of them, so a commit
+The request validates a batch and commits it with its payload in one statement (`batch_accept`): from then on it
+is durable and acknowledged, and a resend is recognised by (node, seq). The store worker (`batches_store`, run
+continuously by `manage.py store_batches`) takes hundreds of accepted batches at a time and writes them into the
+storage tiers in one transaction: one COPY per table and one update of current values for all of them, so a commit
 and each statement are paid per flush, not per batch. The query counts of both steps do not grow with the batch.
 """
 
