@@ -12,6 +12,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from portal.alerts.models import Alert
+from portal.capacity.services import allocation_create
 from portal.fleet.models import EnrollmentToken, Gpu, HealthEvent, MigInstance, Node, NodeCredential, NodeStatus
 from portal.fleet.services import enrollment_token_create
 from portal.telemetry.models import GpuMinute, GpuSample, IngestedBatch, UsageSample
@@ -20,6 +21,7 @@ from portal.telemetry.services import batches_store
 from tests.conftest import is_postgres
 from tests.factories import (
     SiteFactory,
+    TenantFactory,
     batch_payload,
     engine_payload,
     gpu_payload,
@@ -258,6 +260,29 @@ class TestIngest:
             {"gi_id": 1, "profile": "7g.80gb", "memory_total_mib": 81559}])
         assert post(client, body, cred).status_code == 200
         assert list(MigInstance.objects.values_list("gi_id", "profile")) == [(1, "7g.80gb")]
+
+    def test_a_held_mig_instance_keeps_its_row_when_the_agent_reports_it(self, client):
+        # The allocation holds the row (PROTECT): a UUID learnt later updates it in place, and a reconfiguration
+        # under an allocation keeps it rather than failing the batch.
+        node, cred = node_with_credential()
+        gpu = Gpu.objects.create(node=node, uuid=self.uuids[0], index=0, name="H100", mig_mode=True)
+        held = MigInstance.objects.create(gpu=gpu, gi_id=1, profile="3g.40gb")
+        free = MigInstance.objects.create(gpu=gpu, gi_id=2, profile="4g.40gb")
+        allocation_create(tenant=TenantFactory(), gpu=gpu, mig_instance=held,
+                          starts_at=timezone.now() - timedelta(days=1))
+        body = self._batch(1)
+        body["gpus"][0].update(mig_mode=True, mig_instances=[
+            {"gi_id": 1, "profile": "3g.40gb", "uuid": "MIG-aaaa", "memory_total_mib": 40192},
+            {"gi_id": 2, "profile": "4g.40gb", "uuid": "MIG-bbbb", "memory_total_mib": 40192}])
+        assert post(client, body, cred).status_code == 200
+        assert list(MigInstance.objects.values_list("pk", "uuid")) == [(held.pk, "MIG-aaaa"), (free.pk, "MIG-bbbb")]
+        body = self._batch(2)
+        body["gpus"][0].update(mig_mode=True, mig_instances=[
+            {"gi_id": 1, "profile": "7g.80gb", "uuid": "MIG-cccc", "memory_total_mib": 81559}])
+        assert post(client, body, cred).status_code == 200
+        assert IngestedBatch.objects.filter(stored_at__isnull=True).count() == 0
+        assert list(MigInstance.objects.values_list("pk", "profile")) == [(held.pk, "3g.40gb")]
+        assert GpuSample.objects.count() == 4
 
     def test_it_keeps_current_state_when_replaying_old_batches(self, client):
         _node, cred = node_with_credential()

@@ -265,19 +265,34 @@ def _gpu_current(t: _Taken, g: GpuIn) -> dict:
 
 
 def _sync_mig(layouts: list[tuple[int, list[MigInstanceIn]]]) -> None:
-    reported = {(gpu_id, m.gi_id): (m.profile, m.uuid or "", m.memory_total_mib)
-                for gpu_id, instances in layouts for m in instances}
+    """Bring the stored MIG instances in line with the reported layouts. An instance keeps its row (and the
+    allocations that hold it) while its GPU instance keeps its profile: a UUID or size learnt later is updated in
+    place. One reconfigured or destroyed is deleted, unless an allocation holds it: then it stays, with a warning,
+    until the operator ends that allocation (the database refuses to orphan it)."""
+    reported = {(gpu_id, m.gi_id): m for gpu_id, instances in layouts for m in instances}
     existing = {(m.gpu_id, m.gi_id): m for m in MigInstance.objects.filter(gpu_id__in=[g for g, _ in layouts])}
-    stale = [m.pk for key, m in existing.items() if reported.get(key) != (m.profile, m.uuid, m.memory_total_mib)]
-    if stale:
-        MigInstance.objects.filter(pk__in=stale).delete()
-    fresh_keys = [key for key in reported if key not in existing or existing[key].pk in stale]
-    if fresh_keys:
-        MigInstance.objects.bulk_create(
-            MigInstance(gpu_id=gpu_id, gi_id=gi_id, profile=reported[(gpu_id, gi_id)][0],
-                        uuid=reported[(gpu_id, gi_id)][1], memory_total_mib=reported[(gpu_id, gi_id)][2])
-            for gpu_id, gi_id in fresh_keys
-        )
+    updated = []
+    for key, m in existing.items():
+        new = reported.get(key)
+        if new is not None and new.profile == m.profile and (new.uuid or "", new.memory_total_mib) != (
+                m.uuid, m.memory_total_mib):
+            m.uuid, m.memory_total_mib = new.uuid or "", new.memory_total_mib
+            updated.append(m)
+    if updated:
+        MigInstance.objects.bulk_update(updated, ["uuid", "memory_total_mib"])
+    gone = {m.pk: key for key, m in existing.items() if key not in reported or reported[key].profile != m.profile}
+    if gone:
+        held = set(MigInstance.objects.filter(pk__in=gone, allocations__isnull=False).values_list("pk", flat=True))
+        for pk in held:
+            logger.warning("MIG instance %s (GPU %s, GI %s) changed or disappeared but an allocation holds it; kept",
+                           pk, *gone[pk])
+        MigInstance.objects.filter(pk__in=gone.keys() - held).delete()
+        existing = {key: m for key, m in existing.items() if m.pk not in gone or m.pk in held}
+    created = [MigInstance(gpu_id=gpu_id, gi_id=gi_id, profile=m.profile, uuid=m.uuid or "",
+                           memory_total_mib=m.memory_total_mib)
+               for (gpu_id, gi_id), m in reported.items() if (gpu_id, gi_id) not in existing]
+    if created:
+        MigInstance.objects.bulk_create(created)
 
 
 def _store_usage(taken: list[_Taken], now: datetime) -> None:
