@@ -66,8 +66,8 @@ def update_rows(model: type[models.Model], rows: list[dict]) -> None:
             json_names = {f.name for f in fields if isinstance(f, models.JSONField)}
             with cursor.cursor.copy(copy_statement) as copy:
                 for row in rows:
-                    copy.write_row([row["id"], *(json.dumps(row[name]) if name in json_names else row[name]
-                                                 for name in names)])
+                    copy.write_row([row["id"], *(json.dumps(row[name]) if name in json_names and row[name] is not None
+                                                 else row[name] for name in names)])
             assignments = sql.SQL(", ").join(
                 sql.SQL("{} = n.{}").format(sql.Identifier(f.column), sql.Identifier(f.column)) for f in fields)
             cursor.execute(sql.SQL("UPDATE {} AS t SET {} FROM {} AS n WHERE t.id = n.id").format(
