@@ -1,7 +1,21 @@
 from django.db import models
 
 
-class CostHour(models.Model):
+class _AttributedCost(models.Model):
+    """What a period of GPU capacity cost and how busy it was, in the site's currency."""
+
+    gpu_hours = models.DecimalField(max_digits=20, decimal_places=8)
+    busy_gpu_hours = models.DecimalField(max_digits=20, decimal_places=8)
+    energy_kwh = models.DecimalField(max_digits=20, decimal_places=8)
+    capex = models.DecimalField(max_digits=20, decimal_places=8)
+    energy = models.DecimalField(max_digits=20, decimal_places=8)
+    opex = models.DecimalField(max_digits=20, decimal_places=8)
+
+    class Meta:
+        abstract = True
+
+
+class CostHour(_AttributedCost):
     """One hour of a site's cost attributed to the tenant holding the capacity, or to idle capacity (tenant null).
     Each GPU-hour (capex and opex per GPU-hour from the site's cost model, plus its measured energy x PUE x price)
     goes to the tenants holding it in proportion to time held and share of the GPU (MIG: slices/7); what nobody
@@ -10,12 +24,6 @@ class CostHour(models.Model):
     site = models.ForeignKey("fleet.Site", on_delete=models.CASCADE, related_name="+")
     tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, null=True, blank=True, related_name="+")
     ts = models.DateTimeField()
-    gpu_hours = models.DecimalField(max_digits=20, decimal_places=8)
-    busy_gpu_hours = models.DecimalField(max_digits=20, decimal_places=8)
-    energy_kwh = models.DecimalField(max_digits=20, decimal_places=8)
-    capex = models.DecimalField(max_digits=20, decimal_places=8)
-    energy = models.DecimalField(max_digits=20, decimal_places=8)
-    opex = models.DecimalField(max_digits=20, decimal_places=8)
 
     class Meta:
         indexes = [models.Index(fields=["ts", "site"]), models.Index(fields=["tenant", "ts"])]
@@ -28,15 +36,9 @@ class CostHour(models.Model):
         return self.capex + self.energy + self.opex
 
 
-class _DeploymentPeriod(models.Model):
+class _DeploymentPeriod(_AttributedCost):
     deployment = models.ForeignKey("capacity.Deployment", on_delete=models.CASCADE, related_name="+")
     ts = models.DateTimeField()
-    gpu_hours = models.DecimalField(max_digits=20, decimal_places=8)
-    busy_gpu_hours = models.DecimalField(max_digits=20, decimal_places=8)
-    energy_kwh = models.DecimalField(max_digits=20, decimal_places=8)
-    capex = models.DecimalField(max_digits=20, decimal_places=8)
-    energy = models.DecimalField(max_digits=20, decimal_places=8)
-    opex = models.DecimalField(max_digits=20, decimal_places=8)
     prompt_tokens = models.BigIntegerField(default=0)
     generation_tokens = models.BigIntegerField(default=0)
 

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from portal.billing.selectors import PriceIndex, price_book_for_tenant
 from portal.economics.models import CostHour
-from portal.economics.selectors import MILLION, Cost, deployment_sums
+from portal.economics.selectors import COST_SUMS, MILLION, Cost, deployment_sums
 from portal.fleet.models import Gpu, NodeStatus, Site
 from portal.tenants.models import Tenant
 
@@ -66,8 +66,7 @@ def site_pnl(*, start: datetime, end: datetime, by_month: bool = True) -> list[P
         return lines[key]
 
     for r in (CostHour.objects.filter(ts__gte=start, ts__lt=end).values("site_id", "tenant_id", "ts")
-              .annotate(g=Sum("gpu_hours"), b=Sum("busy_gpu_hours"), k=Sum("energy_kwh"), c=Sum("capex"),
-                        e=Sum("energy"), o=Sum("opex"))):
+              .annotate(**COST_SUMS)):
         pnl = line(r["site_id"], r["ts"])
         pnl.cost.add(Cost(currency=pnl.site.currency, capex=r["c"], energy=r["e"], opex=r["o"], gpu_hours=r["g"],
                           busy_gpu_hours=r["b"], energy_kwh=r["k"]))

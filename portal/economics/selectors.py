@@ -22,6 +22,9 @@ from portal.telemetry.models import GpuHour, SiteHour, UsageHour, UsageSample
 from portal.tenants.models import Tenant
 
 HOURS_PER_MONTH = Decimal("730.5")
+# Sums of the attributed-cost columns (economics.models._AttributedCost), under the short names Cost is built from.
+COST_SUMS = {"g": Sum("gpu_hours"), "b": Sum("busy_gpu_hours"), "k": Sum("energy_kwh"), "c": Sum("capex"),
+             "e": Sum("energy"), "o": Sum("opex")}
 MJ_PER_KWH = Decimal(3_600_000_000)
 MILLION = Decimal(1_000_000)
 CENT = Decimal("0.01")
@@ -164,8 +167,7 @@ def attributed_costs(*, start: datetime, end: datetime) -> dict[tuple[int, int |
     sites = {s.pk: s for s in Site.objects.all()}
     out = {}
     rows = (CostHour.objects.filter(ts__gte=start, ts__lt=end).values("site_id", "tenant_id")
-            .annotate(g=Sum("gpu_hours"), b=Sum("busy_gpu_hours"), k=Sum("energy_kwh"), c=Sum("capex"),
-                      e=Sum("energy"), o=Sum("opex")))
+            .annotate(**COST_SUMS))
     for r in rows:
         fixed = r["c"] + r["o"]
         idle = fixed if r["tenant_id"] is None else fixed * (1 - r["b"] / r["g"]) if r["g"] else Decimal(0)
@@ -185,8 +187,7 @@ class DeploymentLine:
         return ", ".join(f"{k}: {v}" for k, v in sorted(self.deployment.settings.items())) or "defaults"
 
 
-_HOUR_SUMS = {"g": Sum("gpu_hours"), "b": Sum("busy_gpu_hours"), "k": Sum("energy_kwh"), "c": Sum("capex"),
-              "e": Sum("energy"), "o": Sum("opex"), "p": Sum("prompt_tokens"), "n": Sum("generation_tokens")}
+_HOUR_SUMS = {**COST_SUMS, "p": Sum("prompt_tokens"), "n": Sum("generation_tokens")}
 
 
 def _cost_from_sums(currency: str, r: dict) -> Cost:

@@ -9,41 +9,39 @@ from django.db import connection, models
 from psycopg import sql
 
 
+def _driver_values(fields: list[models.Field], values) -> list:
+    """Values as the driver takes them: JSON columns serialised (None stays NULL); on SQLite, datetimes in the text
+    form Django stores (psycopg's COPY takes them as they are)."""
+    sqlite = connection.vendor != "postgresql"
+    out = []
+    for field, value in zip(fields, values, strict=True):
+        if value is not None and isinstance(field, models.JSONField):
+            value = json.dumps(value)
+        elif sqlite and isinstance(value, datetime):
+            value = connection.ops.adapt_datetimefield_value(value)
+        out.append(value)
+    return out
+
+
 def insert_rows(model: type[models.Model], rows: list[dict], *, chunk: int = 5000) -> None:
     if not rows:
         return
     fields = [model._meta.get_field(name) for name in rows[0]]
-    json_columns = [i for i, f in enumerate(fields) if isinstance(f, models.JSONField)]
     table, columns = model._meta.db_table, [f.column for f in fields]
     if connection.vendor == "postgresql":
         statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
             sql.Identifier(table), sql.SQL(", ").join(sql.Identifier(c) for c in columns))
         with connection.cursor() as cursor, cursor.cursor.copy(statement) as copy:
             for row in rows:
-                values = list(row.values())
-                for i in json_columns:
-                    if values[i] is not None:
-                        values[i] = json.dumps(values[i])
-                copy.write_row(values)
+                copy.write_row(_driver_values(fields, row.values()))
         return
-    adapt = connection.ops.adapt_datetimefield_value
     quote = connection.ops.quote_name
     # Table and column names come from the model's metadata and are quoted; values are bound parameters.
     statement = (f"INSERT INTO {quote(table)} ({', '.join(quote(c) for c in columns)}) "  # noqa: S608
                  f"VALUES ({', '.join(['%s'] * len(columns))})")
-
-    def prepared(row: dict) -> list:
-        values = list(row.values())
-        for i, value in enumerate(values):
-            if isinstance(value, datetime):
-                values[i] = adapt(value)
-            elif i in json_columns and value is not None:
-                values[i] = json.dumps(value)
-        return values
-
     with connection.cursor() as cursor:
         for start in range(0, len(rows), chunk):
-            cursor.executemany(statement, [prepared(row) for row in rows[start:start + chunk]])
+            cursor.executemany(statement, [_driver_values(fields, row.values()) for row in rows[start:start + chunk]])
 
 
 def update_rows(model: type[models.Model], rows: list[dict]) -> None:
@@ -63,25 +61,19 @@ def update_rows(model: type[models.Model], rows: list[dict]) -> None:
             cursor.execute(sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT id, {} FROM {} WITH NO DATA")
                            .format(sql.Identifier(staging), columns, sql.Identifier(table)))
             copy_statement = sql.SQL("COPY {} (id, {}) FROM STDIN").format(sql.Identifier(staging), columns)
-            json_names = {f.name for f in fields if isinstance(f, models.JSONField)}
             with cursor.cursor.copy(copy_statement) as copy:
                 for row in rows:
-                    copy.write_row([row["id"], *(json.dumps(row[name]) if name in json_names and row[name] is not None
-                                                 else row[name] for name in names)])
+                    copy.write_row([row["id"], *_driver_values(fields, (row[name] for name in names))])
             assignments = sql.SQL(", ").join(
                 sql.SQL("{} = n.{}").format(sql.Identifier(f.column), sql.Identifier(f.column)) for f in fields)
             cursor.execute(sql.SQL("UPDATE {} AS t SET {} FROM {} AS n WHERE t.id = n.id").format(
                 sql.Identifier(table), assignments, sql.Identifier(staging)))
             cursor.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(staging)))
         return
-    adapt = connection.ops.adapt_datetimefield_value
     quote = connection.ops.quote_name
     # Table and column names come from the model's metadata and are quoted; values are bound parameters.
     statement = (f"UPDATE {quote(table)} SET {', '.join(f'{quote(f.column)} = %s' for f in fields)} "  # noqa: S608
                  "WHERE id = %s")
     with connection.cursor() as cursor:
-        cursor.executemany(statement, [
-            [adapt(v) if isinstance(v, datetime) else json.dumps(v) if isinstance(f, models.JSONField) and v is not None
-             else v for f, v in zip(fields, (row[name] for name in names), strict=True)] + [row["id"]]
-            for row in rows
-        ])
+        cursor.executemany(statement, [[*_driver_values(fields, (row[name] for name in names)), row["id"]]
+                                       for row in rows])
