@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures"
+FIXTURES = REPO / "tests" / "fixtures"
 ENDPOINTS = {  # path -> (engine, fixture)
     "/vllm-v1/metrics": ("vllm", "vllm_metrics_v1_2026-03_qwen25_05b_kops_cncf_ai_conformance.txt"),
     "/vllm-v05/metrics": ("vllm", "vllm_metrics_v0.5_datadog_opt125m.txt"),

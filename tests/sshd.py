@@ -2,7 +2,7 @@
 host key and one authorized client key, all in a temporary directory.
 
 Sessions get `PATH=<stub dir>:/usr/local/bin:/usr/bin:/bin` and `HOME=<temp home>`: stand-in commands in the stub
-dir (`nvidia-smi` printing a real capture from the shared fixtures, or a failing `df`) take precedence over the
+dir (`nvidia-smi` printing a real capture from tests/fixtures, or a failing `df`) take precedence over the
 system's, and the account's own shell start-up files (root's ~/.bashrc on a developer machine) are not read.
 """
 
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from tests import FIXTURES
 from tests.conftest import require
 
 SSHD = "/usr/sbin/sshd"
 SSH_KEYGEN = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
-FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
 DEFAULT_CAPTURE = "nvidia_smi_query_gpu_csv_h100_mig_590_idle.txt"
 
 # Emulates `nvidia-smi --query-gpu=a,b,c --format=csv`: the requested columns of a real --query-gpu capture (which

@@ -31,6 +31,7 @@ from portal.provisioning.parsing import (
     parse_os_release,
     parse_query_gpu_csv,
 )
+from tests import FIXTURES
 from tests.factories import (
     PASSWORD,
     OperatorFactory,
@@ -40,7 +41,7 @@ from tests.factories import (
     gpu_uuid,
     node_with_credential,
 )
-from tests.sshd import FIXTURES, free_port
+from tests.sshd import free_port
 
 pytestmark = pytest.mark.django_db
 

@@ -1,4 +1,4 @@
-"""Every engine capture in shared/fixtures parsed and mapped, with concrete values asserted."""
+"""Every engine capture in tests/fixtures parsed and mapped, with concrete values asserted."""
 
 from __future__ import annotations
 
