@@ -5,7 +5,6 @@ check that against this module. Counters arrive as exact integer deltas over [in
 gauges as the interval's summary. Timestamps are UTC epoch seconds.
 """
 
-import math
 import re
 from typing import Annotated, Literal
 
@@ -28,24 +27,57 @@ HISTOGRAMS = ("ttft", "itl", "e2e")
 # Largest delta a single interval may carry: guards against a counter wrapped through a bad reset reaching billing.
 MAX_TOKENS_PER_INTERVAL = 10**12
 MAX_ENERGY_MJ_PER_INTERVAL = 5_000 * 1_000 * 3_600  # 5 kW for an hour, in millijoules
+# Every bound below fits the column it is stored in (a signed 64-bit integer at most, a finite double, text without
+# NUL), so a batch accepted by the request can always be stored: nothing accepted fails later.
+BIGINT_MAX = 2**63 - 1
+INT_MAX = 2**31 - 1
+# Epoch seconds: the accept step narrows this to its clock window; the schema keeps any value a datetime can hold.
+EPOCH_MIN, EPOCH_MAX = 0.0, 4_102_444_800.0  # 1970-01-01 .. 2100-01-01 UTC
+# Histogram bounds and sums in seconds: far beyond any latency, well inside a double and a JSON number.
+SECONDS_MAX = 1e12
 
 NonNegInt = Annotated[int, Field(ge=0, le=MAX_TOKENS_PER_INTERVAL)]
 Percent = Annotated[float, Field(ge=0, le=100)]
-ShortStr = Annotated[str, Field(max_length=128)]
+Epoch = Annotated[float, Field(ge=EPOCH_MIN, le=EPOCH_MAX)]
+# PostgreSQL text and jsonb refuse NUL; the other control characters are harmless but never meaningful here.
+_NO_NUL = r"^[^\x00]*$"
 
-_GPU_UUID = re.compile(r"^GPU-[0-9A-Za-z-]{8,64}$")
-_MIG_PROFILE = re.compile(r"^\d+g\.\d+gb(\+[a-z]+)?$")
+
+def Text(max_length: int, min_length: int = 0):
+    return Annotated[str, Field(min_length=min_length, max_length=max_length, pattern=_NO_NUL)]
+
+
+ShortStr = Text(128)
+
+_GPU_UUID = re.compile(r"^GPU-[0-9a-z-]{8,64}$")
+_MIG_PROFILE = re.compile(r"^[1-8]g\.\d{1,4}gb(\+[a-z]{1,8})?$")
+
+
+def nvml_uuid(value: str, prefix: str) -> str:
+    """NVML's form of a UUID: upper-case prefix, lower-case rest. A UUID differing only in case is the same
+    device, so it is stored once, in this form."""
+    if value[:len(prefix)].upper() == prefix:
+        return prefix + value[len(prefix):].lower()
+    return value
+
+
+def _gpu_uuid(value: str) -> str:
+    value = nvml_uuid(value, "GPU-")
+    if not _GPU_UUID.match(value):
+        raise ValueError("GPU UUID must be NVML's form 'GPU-xxxxxxxx-...'")
+    return value
 
 
 class _Strict(BaseModel):
     # Plain pydantic, not ninja.Schema: ninja's wrap validator runs each nested model twice and through a getter
     # proxy, which made validating a batch 8-14x slower (benchmarks/bench_ingest.py). Requests are parsed with
-    # model_validate_json in the view, so nothing here needs ninja.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # model_validate_json in the view, so nothing here needs ninja. Strict: true is not 1 and "1028" is not a
+    # number (an integer is still a valid float).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class MigInstanceIn(_Strict):
-    uuid: Annotated[str, Field(max_length=80)] | None = None
+    uuid: Text(80) | None = None
     gi_id: Annotated[int, Field(ge=0, le=64)]
     profile: Annotated[str, Field(max_length=32, examples=["1g.10gb", "3g.40gb"])]
     memory_total_mib: Annotated[int, Field(ge=0, le=1_048_576)] | None = None
@@ -55,15 +87,16 @@ class MigInstanceIn(_Strict):
     @classmethod
     def _profile(cls, value: str) -> str:
         if not _MIG_PROFILE.match(value):
-            raise ValueError("MIG profile must look like '1g.10gb' or '4g.40gb'")
+            raise ValueError("MIG profile must look like '1g.10gb' or '4g.40gb' (1 to 8 compute slices)")
         return value
 
 
 class GpuIn(_Strict):
-    uuid: Annotated[str, Field(max_length=72, examples=["GPU-6a5d4f0e-1234-5678-9abc-def012345678"])]
+    uuid: Annotated[str, Field(max_length=72, examples=["GPU-6a5d4f0e-1234-5678-9abc-def012345678"])] = Field(
+        description="NVML's UUID; the letters' case does not matter (stored as NVML prints it)")
     index: Annotated[int, Field(ge=0, le=63)]
     name: ShortStr
-    pci_bus_id: Annotated[str, Field(max_length=32)] | None = None
+    pci_bus_id: Text(32) | None = None
     samples: Annotated[int, Field(ge=0, le=3_600)] = Field(description="1 s samples summarised in this interval")
     util_mean: Percent | None = None
     util_max: Percent | None = None
@@ -78,22 +111,20 @@ class GpuIn(_Strict):
     temp_max_c: Annotated[float, Field(ge=-40, le=150)] | None = None
     sm_clock_mhz: Annotated[int, Field(ge=0, le=10_000)] | None = None
     mem_clock_mhz: Annotated[int, Field(ge=0, le=20_000)] | None = None
-    throttle_reasons: Annotated[list[Annotated[str, Field(max_length=48)]], Field(max_length=16)] = []
-    ecc_corrected_total: Annotated[int, Field(ge=0)] | None = None
-    ecc_uncorrected_total: Annotated[int, Field(ge=0)] | None = None
+    throttle_reasons: Annotated[list[Text(48)], Field(max_length=16)] = []
+    ecc_corrected_total: Annotated[int, Field(ge=0, le=BIGINT_MAX)] | None = None
+    ecc_uncorrected_total: Annotated[int, Field(ge=0, le=BIGINT_MAX)] | None = None
     retired_pages: Annotated[int, Field(ge=0, le=100_000)] | None = None
     remapped_rows_pending: bool | None = None
     remapped_rows_failure: bool | None = None
     mig_mode: bool | None = None
     mig_instances: Annotated[list[MigInstanceIn], Field(max_length=7)] = []
-    cc_mode: Annotated[str, Field(max_length=32)] | None = None
+    cc_mode: Text(32) | None = None
 
     @field_validator("uuid")
     @classmethod
     def _uuid(cls, value: str) -> str:
-        if not _GPU_UUID.match(value):
-            raise ValueError("GPU UUID must be NVML's form 'GPU-xxxxxxxx-...'")
-        return value
+        return _gpu_uuid(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> "GpuIn":
@@ -114,9 +145,9 @@ class GpuIn(_Strict):
 class HistogramIn(_Strict):
     """Delta of a Prometheus histogram over the interval: finite upper bounds, cumulative counts (+Inf last)."""
 
-    le: Annotated[list[float], Field(min_length=1, max_length=64)]
+    le: Annotated[list[Annotated[float, Field(ge=-SECONDS_MAX, le=SECONDS_MAX)]], Field(min_length=1, max_length=64)]
     counts: Annotated[list[NonNegInt], Field(min_length=2, max_length=65)]
-    sum: Annotated[float, Field(ge=0)]
+    sum: Annotated[float, Field(ge=0, le=SECONDS_MAX)]
 
     @model_validator(mode="after")
     def _shape(self) -> "HistogramIn":
@@ -130,12 +161,12 @@ class HistogramIn(_Strict):
 
 
 class EngineIn(_Strict):
-    endpoint: Annotated[str, Field(max_length=500, examples=["http://127.0.0.1:8000/metrics"])]
+    endpoint: Annotated[str, Field(max_length=500, pattern=_NO_NUL, examples=["http://127.0.0.1:8000/metrics"])]
     engine: Literal["vllm", "tgi", "triton", "sglang"]
-    model: Annotated[str, Field(min_length=1, max_length=200)]
+    model: Text(200, min_length=1)
     up: bool
     probe_latency_ms: Annotated[float, Field(ge=0, le=600_000)] | None = None
-    version: Annotated[str, Field(max_length=64)] | None = None
+    version: Text(64) | None = None
     prompt_tokens: NonNegInt = 0
     generation_tokens: NonNegInt = 0
     requests_ok: NonNegInt = 0
@@ -146,44 +177,56 @@ class EngineIn(_Strict):
     ttft: HistogramIn | None = None
     itl: HistogramIn | None = None
     e2e: HistogramIn | None = None
-    settings: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=128)]], Field(
+    settings: Annotated[dict[Text(64), Text(128)], Field(
         max_length=32, description="Engine settings the engine exposes (e.g. vLLM cache_config_info labels)"
     )] = {}
 
 
 class HostIn(_Strict):
-    hostname: Annotated[str, Field(min_length=1, max_length=253)]
+    hostname: Text(253, min_length=1)
     os: ShortStr | None = None
     kernel: ShortStr | None = None
-    driver_version: Annotated[str, Field(max_length=32)] | None = None
-    cuda_driver_version: Annotated[str, Field(max_length=32)] | None = None
-    nvml_version: Annotated[str, Field(max_length=32)] | None = None
-    agent_version: Annotated[str, Field(max_length=32)] | None = None
+    driver_version: Text(32) | None = None
+    cuda_driver_version: Text(32) | None = None
+    nvml_version: Text(32) | None = None
+    agent_version: Text(32) | None = None
     simulated: bool = False
 
 
 class HealthEventIn(_Strict):
-    ts: float
+    ts: Epoch
     gpu_uuid: Annotated[str, Field(max_length=72)] | None = None
     kind: Literal[
         "xid", "ecc_uncorrected", "ecc_corrected", "remapped_rows", "thermal_throttle", "power_throttle", "gpu_lost"
     ]
     code: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
-    detail: Annotated[str, Field(max_length=500)] = ""
+    detail: Text(500) = ""
+
+    @field_validator("gpu_uuid")
+    @classmethod
+    def _uuid(cls, value: str | None) -> str | None:
+        return None if value is None else _gpu_uuid(value)
 
 
 class BatchIn(_Strict):
     schema_version: Literal[1]
     seq: Annotated[int, Field(ge=1, le=2**62)]
-    interval_start: float
-    interval_end: float
+    interval_start: Epoch
+    interval_end: Epoch
     host: HostIn
     gpus: Annotated[list[GpuIn], Field(max_length=64)] = []
     engines: Annotated[list[EngineIn], Field(max_length=64)] = []
     events: Annotated[list[HealthEventIn], Field(max_length=1_000)] = []
-    dropped_batches: Annotated[int, Field(ge=0)] = Field(
+    dropped_batches: Annotated[int, Field(ge=0, le=INT_MAX)] = Field(
         default=0, description="Batches the agent's spool dropped (full) since it last reported"
     )
+
+    @field_validator("schema_version", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value):
+        if isinstance(value, bool):  # True == 1 in Python, but not in the contract
+            raise ValueError("schema_version must be the integer 1")
+        return value
 
     @model_validator(mode="after")
     def _intervals(self) -> "BatchIn":
@@ -197,9 +240,6 @@ class BatchIn(_Strict):
         keys = [(e.endpoint, e.model) for e in self.engines]
         if len(keys) != len(set(keys)):
             raise ValueError("duplicate (endpoint, model) in batch")
-        for value in (self.interval_start, self.interval_end):
-            if not math.isfinite(value):
-                raise ValueError("timestamps must be finite")
         return self
 
 
@@ -223,7 +263,7 @@ class IngestOut(Schema):
 
 
 class EnrollIn(_Strict):
-    token: Annotated[str, Field(min_length=8, max_length=200)]
+    token: Text(200, min_length=8)
     host: HostIn
 
 
