@@ -14,10 +14,15 @@ class Severity(models.TextChoices):
 SEVERITY_RANK = {Severity.INFO: 0, Severity.WARNING: 1, Severity.CRITICAL: 2}
 
 
-# Ingest and offline detection raise alerts of these health-event kinds (the others never page anyone).
+# Ingest and offline detection raise alerts of these health-event kinds (the others never page anyone), the
+# pipeline, SLAs, quotas and billing of the others.
 ALERT_KINDS = [
-    (kind.value, kind.label) for kind in HealthEventKind
-    if kind not in (HealthEventKind.ECC_CORRECTED, HealthEventKind.NODE_ONLINE)
+    *((kind.value, kind.label) for kind in HealthEventKind
+      if kind not in (HealthEventKind.ECC_CORRECTED, HealthEventKind.NODE_ONLINE)),
+    ("batches_set_aside", "Batches set aside"),
+    ("sla_breach", "SLA breach"),
+    ("quota", "Quota"),
+    ("billing", "Billing"),
 ]
 
 

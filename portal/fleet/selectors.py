@@ -8,6 +8,7 @@ from django.utils import timezone
 from portal.alerts.models import Alert
 from portal.capacity.selectors import allocations_at
 from portal.fleet.models import EnrollmentToken, Gpu, HealthEvent, MigInstance, Node, NodeStatus, Site
+from portal.telemetry.selectors import StoreQueue, store_queue
 
 
 @dataclass
@@ -18,6 +19,7 @@ class FleetHeadline:
     power_now_kw: float | None
     nodes_by_status: dict[str, int]
     open_alerts: int
+    store_queue: StoreQueue
 
 
 @dataclass
@@ -43,6 +45,7 @@ def fleet_headline(*, now: datetime | None = None) -> FleetHeadline:
         power_now_kw=gpu["power"] / 1000 if gpu["power"] is not None else None,
         nodes_by_status=statuses,
         open_alerts=Alert.objects.filter(resolved_at__isnull=True).count(),
+        store_queue=store_queue(),
     )
 
 

@@ -1,12 +1,14 @@
 from datetime import timedelta
 
+from django.contrib import messages
 from django.http import Http404, HttpRequest, HttpResponse
-from django.shortcuts import render
+from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views.decorators.cache import cache_control
-from django.views.decorators.http import condition
+from django.views.decorators.http import condition, require_POST
 
 from portal.accounts.access import operator_admin_required, operator_required
+from portal.audit.services import audit_record
 from portal.capacity.selectors import holders_by_unit
 from portal.economics.charts import node_charts
 from portal.economics.selectors import (
@@ -16,7 +18,7 @@ from portal.economics.selectors import (
     tokens_per_second_now,
     utilization_over,
 )
-from portal.fleet.forms import EnrollmentTokenForm
+from portal.fleet.forms import EnrollmentTokenForm, FleetFilterForm, NodeRangeForm
 from portal.fleet.models import Node, NodeStatus, Site
 from portal.fleet.selectors import (
     fleet_grid,
@@ -28,7 +30,9 @@ from portal.fleet.selectors import (
     recent_enrollment_tokens,
 )
 from portal.fleet.services import enrollment_token_create
+from portal.params import query_params
 from portal.telemetry.selectors import RANGES, node_series
+from portal.telemetry.services import batches_requeue_set_aside
 from portal.tenants.models import Tenant, TenantStatus
 
 
@@ -42,12 +46,9 @@ def _overview_etag(request: HttpRequest) -> str:
 @cache_control(private=True, no_cache=True)
 @condition(etag_func=_overview_etag)
 def overview(request: HttpRequest) -> HttpResponse:
-    filters = {
-        "site_id": int(request.GET["site"]) if request.GET.get("site", "").isdigit() else None,
-        "status": request.GET.get("status") if request.GET.get("status") in NodeStatus.values else None,
-        "gpu_name": request.GET.get("gpu") or None,
-        "tenant_id": int(request.GET["tenant"]) if request.GET.get("tenant", "").isdigit() else None,
-    }
+    params = query_params(request, FleetFilterForm)
+    filters = {"site_id": params["site"], "status": params["status"] or None, "gpu_name": params["gpu"] or None,
+               "tenant_id": params["tenant"]}
     now = timezone.now()
     today = now.replace(hour=0, minute=0, second=0, microsecond=0)
     periods_today = site_costs(start=today, end=now)
@@ -75,7 +76,7 @@ def node_page(request: HttpRequest, node_id: int) -> HttpResponse:
         node = node_detail(node_id=node_id)
     except Node.DoesNotExist:
         raise Http404("No such node") from None
-    range_key = request.GET.get("range") if request.GET.get("range") in RANGES else "24h"
+    range_key = query_params(request, NodeRangeForm)["range"] or "24h"
     now = timezone.now()
     context = {
         "node": node,
@@ -89,6 +90,16 @@ def node_page(request: HttpRequest, node_id: int) -> HttpResponse:
     context["events"] = node_health_events(node=node)
     context["cost_30d"] = node_cost(node=node, start=now - timedelta(days=30), end=now)
     return render(request, "fleet/node.html", context)
+
+
+@operator_admin_required
+@require_POST
+def retry_set_aside(request: HttpRequest) -> HttpResponse:
+    """Queue the batches the store worker set aside again (after the cause is fixed); their alerts resolve."""
+    requeued = batches_requeue_set_aside()
+    audit_record(actor=request.user, action="batches.requeue", target="set-aside batches", after={"batches": requeued})
+    messages.success(request, f"{requeued} batch{'es' if requeued != 1 else ''} queued again for the store worker.")
+    return redirect("fleet:overview")
 
 
 @operator_admin_required

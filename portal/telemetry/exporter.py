@@ -9,6 +9,7 @@ from prometheus_client.registry import Collector
 from portal.alerts.models import Alert
 from portal.fleet.models import Gpu, Node
 from portal.telemetry.models import IngestedBatch, UsageMinute, UsageSample
+from portal.telemetry.selectors import store_queue
 
 
 class FleetCollector(Collector):
@@ -71,9 +72,9 @@ class FleetCollector(Collector):
         queue = GaugeMetricFamily("tokenmill_store_queue_batches",
                                   "Accepted batches not yet in the telemetry tiers: waiting for the store worker, or "
                                   "set aside with a store error (store_batches --retry-failed)", labels=["state"])
-        pending = IngestedBatch.objects.filter(stored_at__isnull=True)
-        queue.add_metric(["waiting"], pending.filter(store_error="").count())
-        queue.add_metric(["failed"], pending.exclude(store_error="").count())
+        waiting = store_queue()
+        queue.add_metric(["waiting"], waiting.waiting)
+        queue.add_metric(["failed"], waiting.set_aside)
         yield queue
 
         alerts = GaugeMetricFamily("tokenmill_open_alerts", "Open alerts by severity", labels=["severity"])

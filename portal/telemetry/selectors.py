@@ -4,11 +4,24 @@ hour, minutes for a day, hours beyond. Each read is one indexed range query what
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from django.db.models import BigIntegerField, Func
+from django.db.models import BigIntegerField, Count, Func, Q
 from django.utils import timezone
 
 from portal.fleet.models import Node
-from portal.telemetry.models import GpuHour, GpuMinute, GpuSample, UsageHour, UsageMinute, UsageSample
+from portal.telemetry.models import GpuHour, GpuMinute, GpuSample, IngestedBatch, UsageHour, UsageMinute, UsageSample
+
+
+@dataclass(frozen=True)
+class StoreQueue:
+    waiting: int  # accepted, not yet written into the tiers by the store worker
+    set_aside: int  # the store worker could not store them; kept with their error until queued again
+
+
+def store_queue() -> StoreQueue:
+    """The accepted batches not yet in the telemetry tiers, in one query (the pending index holds only them)."""
+    counts = IngestedBatch.objects.filter(stored_at__isnull=True).aggregate(
+        waiting=Count("id", filter=Q(store_error="")), set_aside=Count("id", filter=~Q(store_error="")))
+    return StoreQueue(waiting=counts["waiting"], set_aside=counts["set_aside"])
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,11 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from django.db import DataError, IntegrityError, connection, transaction
+from django.db import connection, transaction
 from django.utils import timezone
-from pydantic import ValidationError
 
 from portal.alerts.models import Severity
-from portal.alerts.services import alert_raise
+from portal.alerts.services import alert_raise, alert_resolve_key
 from portal.fleet.models import (
     Gpu,
     HealthEvent,
@@ -44,6 +43,7 @@ FRESH_INTERVALS = 3
 # Batches per store transaction: large enough to share the commit and statement costs, small enough to keep the
 # transaction well inside the rollups' settle time (telemetry.rollups.SETTLE).
 STORE_BATCHES = 500
+SET_ASIDE_ALERT = "batches_set_aside"
 
 
 class IngestRejected(Exception):
@@ -86,18 +86,43 @@ def _check_event_gpus(batch: BatchIn) -> None:
             raise IngestRejected(["events", i, "gpu_uuid"], "GPU is not part of this batch")
 
 
-def _reject_foreign_gpus(node: Node, batch: BatchIn) -> None:
+def _foreign_gpu(node: Node, batch: BatchIn) -> IngestRejected:
     uuids = [g.uuid for g in batch.gpus]
     foreign = set(Gpu.objects.filter(uuid__in=uuids).exclude(node_id=node.pk).values_list("uuid", flat=True))
-    for i, gpu in enumerate(batch.gpus):
-        if gpu.uuid in foreign:
-            raise IngestRejected(["gpus", i, "uuid"], "GPU belongs to another node")
+    i = next((i for i, gpu in enumerate(batch.gpus) if gpu.uuid in foreign), 0)
+    return IngestRejected(["gpus", i, "uuid"], f"GPU {batch.gpus[i].uuid} belongs to another node")
+
+
+class _NotInserted(Exception):
+    pass
+
+
+def _claim_gpus(node: Node, batch: BatchIn) -> None:
+    """Record the batch's GPUs that no node has reported yet as this node's. The UUID is unique: when two nodes
+    claim the same new GPU at once, the second insert waits for the first transaction and then does nothing, and
+    its batch is refused naming the GPU (each statement reads what was committed before it began)."""
+    Gpu.objects.bulk_create(
+        [Gpu(node=node, uuid=g.uuid, index=g.index, name=g.name, pci_bus_id=g.pci_bus_id or "",
+             memory_total_mib=g.memory_total_mib, power_limit_w=g.power_limit_w, mig_mode=bool(g.mig_mode))
+         for g in batch.gpus],
+        ignore_conflicts=True,
+    )
+
+
+def _resend(node: Node, batch: BatchIn, digest: str) -> IngestResult | None:
+    """The answer for a seq already accepted: a duplicate when its content is the same, SeqConflict otherwise."""
+    stored = IngestedBatch.objects.filter(node=node, seq=batch.seq).values_list("digest", flat=True).first()
+    if stored is None:
+        return None
+    if stored != digest:
+        raise SeqConflict(f"seq {batch.seq} was already stored with different content")
+    return IngestResult(seq=batch.seq, status="duplicate")
 
 
 def _insert_batch(*, node: Node, batch: BatchIn, digest: str, payload: bytes, now: datetime) -> bool:
-    """INSERT the batch unless its seq is taken or one of its GPUs belongs to another node, in one statement: the
-    request's only write, and its only round trip besides the credential (the ORM's create, a savepoint and a
-    separate ownership query cost three times the CPU). True when the row was inserted."""
+    """INSERT the batch unless its seq is taken or one of its GPUs is not this node's (another node's, or not yet
+    claimed), in one statement: the request's only write, and its only round trip besides the credential (the
+    ORM's create, a savepoint and a separate ownership query cost three times the CPU). True when inserted."""
     adapt, quote = connection.ops.adapt_datetimefield_value, connection.ops.quote_name
     values = {
         "node_id": node.pk, "seq": batch.seq, "digest": digest, "interval_start": adapt(_utc(batch.interval_start)),
@@ -105,13 +130,13 @@ def _insert_batch(*, node: Node, batch: BatchIn, digest: str, payload: bytes, no
         "dropped_batches": batch.dropped_batches, "payload": payload, "store_error": "",
     }
     uuids = [g.uuid for g in batch.gpus]
-    owned_elsewhere = "1 = 1"
+    all_owned = "1 = 1"
     if uuids:
-        owned_elsewhere = (f"NOT EXISTS (SELECT 1 FROM {quote(Gpu._meta.db_table)} WHERE node_id <> %s "  # noqa: S608
-                           f"AND uuid IN ({', '.join(['%s'] * len(uuids))}))")
+        all_owned = (f"(SELECT COUNT(*) FROM {quote(Gpu._meta.db_table)} WHERE node_id = %s "  # noqa: S608
+                     f"AND uuid IN ({', '.join(['%s'] * len(uuids))})) = {len(uuids)}")
     # Names come from the models' metadata and are quoted; every value is a bound parameter.
     statement = (f"INSERT INTO {quote(IngestedBatch._meta.db_table)} ({', '.join(map(quote, values))}) "
-                 f"SELECT {', '.join(['%s'] * len(values))} WHERE {owned_elsewhere} "
+                 f"SELECT {', '.join(['%s'] * len(values))} WHERE {all_owned} "
                  "ON CONFLICT (node_id, seq) DO NOTHING RETURNING id")
     with connection.cursor() as cursor:
         cursor.execute(statement, [*values.values(), *([node.pk, *uuids] if uuids else [])])
@@ -119,9 +144,11 @@ def _insert_batch(*, node: Node, batch: BatchIn, digest: str, payload: bytes, no
 
 
 def batch_accept(*, credential: NodeCredential, batch: BatchIn, now: datetime | None = None) -> IngestResult:
-    """Accept a batch: check the clock and GPU ownership and commit it whole, or nothing. A resend of an accepted
-    seq is acknowledged as a duplicate; the same seq with different content raises SeqConflict. Its rows reach the
-    storage tiers when the store worker takes it (batches_store)."""
+    """Accept a batch: check the clock and GPU ownership and commit it whole, or nothing. GPU ownership is decided
+    here, once: a GPU no node has reported becomes this node's, and a batch with another node's GPU is refused
+    naming it, so the store worker never has to drop a reading. A resend of an accepted seq is acknowledged as a
+    duplicate; the same seq with different content raises SeqConflict. Its rows reach the storage tiers when the
+    store worker takes it (batches_store)."""
     now = now or timezone.now()
     node = credential.node
     _check_times(batch, now)
@@ -129,15 +156,19 @@ def batch_accept(*, credential: NodeCredential, batch: BatchIn, now: datetime | 
     payload = batch.model_dump_json().encode()
     digest = hashlib.sha256(payload).hexdigest()
     if not _insert_batch(node=node, batch=batch, digest=digest, payload=payload, now=now):
-        # Not inserted: its seq was already there (a resend, or a concurrent request that won), or a GPU is another
-        # node's. Both are rare; find out which.
-        stored = IngestedBatch.objects.filter(node=node, seq=batch.seq).values_list("digest", flat=True).first()
-        if stored is None:
-            _reject_foreign_gpus(node, batch)
-            raise IngestRejected(["gpus"], "a GPU of this batch belongs to another node")
-        if stored != digest:
-            raise SeqConflict(f"seq {batch.seq} was already stored with different content")
-        return IngestResult(seq=batch.seq, status="duplicate")
+        # Not inserted: its seq was already there (a resend, or a concurrent request that won), or a GPU is not
+        # yet this node's. Both are rare; find out which.
+        if (resent := _resend(node, batch, digest)) is not None:
+            return resent
+        try:
+            with transaction.atomic():  # a refused batch leaves no claim behind
+                _claim_gpus(node, batch)
+                if not _insert_batch(node=node, batch=batch, digest=digest, payload=payload, now=now):
+                    raise _NotInserted
+        except _NotInserted:
+            if (resent := _resend(node, batch, digest)) is not None:
+                return resent
+            raise _foreign_gpu(node, batch) from None
     if node.last_seen is None or node.last_seen < now - LAST_SEEN_EVERY:
         Node.objects.filter(pk=node.pk).update(last_seen=now)
         NodeCredential.objects.filter(pk=credential.pk).update(last_used_at=now)
@@ -153,36 +184,73 @@ class _Taken:
     fresh: bool
 
 
-# What a batch's own content can cause: a constraint or value the database refuses, or a payload that no longer
-# validates (a schema tightened between accept and store).
-_UNSTORABLE = (IntegrityError, DataError, ValidationError)
+class Unstorable(Exception):
+    """An accepted batch that contradicts the database (only possible for batches accepted by an older release)."""
 
 
 def batches_store(*, limit: int = STORE_BATCHES) -> int:
     """Write up to `limit` accepted batches into the storage tiers in one transaction; returns how many were taken.
-    Several workers may run: each skips the batches another holds. A flush that fails on its data is retried batch
-    by batch, and a batch that cannot be stored is set aside with its error (payload kept; `store_batches
-    --retry-failed` queues it again), so it never blocks the queue. Losing the database raises: nothing is set
-    aside for that."""
+    Several workers may run: each skips the batches another holds. A flush that fails, whatever the reason, is
+    retried in halves until each failing batch is alone; such a batch is set aside with its error (payload kept,
+    an alert raised; `store_batches --retry-failed` queues it again) and the rest are stored, so no batch can stop
+    storage for the others. Losing the database raises: nothing is set aside for that."""
     with transaction.atomic():
         rows = list(IngestedBatch.objects.filter(stored_at__isnull=True, store_error="").order_by("pk")
                     .select_for_update(skip_locked=True)
                     .values_list("pk", "node_id", "received_at", "payload")[:limit])
-        if not rows:
-            return 0
-        try:
-            with transaction.atomic():
-                _store(rows)
-        except _UNSTORABLE:
-            logger.exception("storing %d batches failed; storing them one by one", len(rows))
-            for row in rows:
-                try:
-                    with transaction.atomic():
-                        _store([row])
-                except _UNSTORABLE as exc:
-                    logger.exception("batch %d could not be stored; set aside", row[0])
-                    IngestedBatch.objects.filter(pk=row[0]).update(store_error=f"{type(exc).__name__}: {exc}"[:2000])
+        if rows:
+            _store_isolating(rows)
     return len(rows)
+
+
+def _store_isolating(rows: list[tuple]) -> None:
+    if (error := _try_store(rows)) is None:
+        return
+    if len(rows) > 1:
+        logger.warning("storing %d batches failed (%s: %s); retrying in halves", len(rows), type(error).__name__, error)
+        middle = len(rows) // 2
+        _store_isolating(rows[:middle])
+        _store_isolating(rows[middle:])
+        return
+    # Alone now: once more, so a passing conflict (a deadlock, say) sets nothing aside.
+    if (error := _try_store(rows)) is not None:
+        _set_aside(rows[0], error)
+
+
+def _try_store(rows: list[tuple]) -> Exception | None:
+    """Store these batches in a savepoint; the exception that undid them, if any."""
+    try:
+        with transaction.atomic():
+            _store(rows)
+    except Exception as exc:
+        if not connection.is_usable():
+            raise  # the database is gone, not the batch: the caller retries later, nothing is set aside
+        return exc
+    return None
+
+
+def _set_aside(row: tuple, exc: Exception) -> None:
+    pk, node_id = row[0], row[1]
+    error = f"{type(exc).__name__}: {exc}"[:2000]
+    logger.error("batch %d of node %d could not be stored; set aside: %s", pk, node_id, error)
+    IngestedBatch.objects.filter(pk=pk).update(store_error=error)
+    hostname = Node.objects.filter(pk=node_id).values_list("hostname", flat=True).first() or f"node {node_id}"
+    alert_raise(
+        key=f"{SET_ASIDE_ALERT}:{node_id}", kind=SET_ASIDE_ALERT, severity=Severity.CRITICAL,
+        title=f"Batches set aside from {hostname}", node_id=node_id, at=timezone.now(),
+        detail=(f"Batch {pk} could not be stored ({error[:300]}). Its readings and tokens are kept but not in the "
+                "tiers until it is queued again (Fleet page, or store_batches --retry-failed)."),
+    )
+
+
+def batches_requeue_set_aside() -> int:
+    """Queue every set-aside batch again (after a fix) and resolve their alerts; returns how many."""
+    node_ids = set(IngestedBatch.objects.filter(stored_at__isnull=True).exclude(store_error="")
+                   .values_list("node_id", flat=True))
+    requeued = IngestedBatch.objects.filter(stored_at__isnull=True).exclude(store_error="").update(store_error="")
+    for node_id in node_ids:
+        alert_resolve_key(key=f"{SET_ASIDE_ALERT}:{node_id}")
+    return requeued
 
 
 def _store(rows: list[tuple]) -> None:
@@ -212,39 +280,32 @@ def _store_gpus(taken: list[_Taken], now: datetime) -> dict[tuple[int, str], int
     """Set the GPUs' current values from the newest reading of each (creating GPUs seen for the first time),
     append every sample; returns (node, uuid) -> GPU id."""
     uuids = {g.uuid for t in taken for g in t.batch.gpus}
-    known = {uuid: (pk, node_id, mig) for pk, uuid, node_id, mig in
-             Gpu.objects.filter(uuid__in=uuids).values_list("pk", "uuid", "node_id", "mig_mode")}
+    known = {uuid: (pk, node_id, mig, current_at) for pk, uuid, node_id, mig, current_at in
+             Gpu.objects.filter(uuid__in=uuids).values_list("pk", "uuid", "node_id", "mig_mode", "current_at")}
     current: dict[str, tuple] = {}
     for t in taken:
         for g in t.batch.gpus:
             owner = known.get(g.uuid)
-            # A GPU another node claimed first (checked on accept, so only a race) is left to its owner; a known
-            # GPU in a replay keeps the current state it has.
-            if owner is None or (owner[1] == t.node.pk and t.fresh):
+            # Ownership was settled when the batch was accepted; a contradiction sets the batch aside, never a
+            # reading silently dropped.
+            if owner is None or owner[1] != t.node.pk:
+                raise Unstorable(f"GPU {g.uuid} is not a GPU of node {t.node.pk}")
+            # A replay only sets the current state of a GPU that has none yet.
+            if t.fresh or owner[3] is None:
                 _newest(current, g.uuid, t, g)
-    created = [Gpu(node=t.node, uuid=uuid, **_gpu_current(t, g))
-               for uuid, (_rank, t, g) in current.items() if uuid not in known]
-    if created:
-        Gpu.objects.bulk_create(created)
-    update_rows(Gpu, [{"id": known[uuid][0], **_gpu_current(t, g)}
-                      for uuid, (_rank, t, g) in current.items() if uuid in known])
-    ids = {(node_id, uuid): pk for uuid, (pk, node_id, _mig) in known.items()}
-    ids.update({(r.node_id, r.uuid): r.pk for r in created})
+    update_rows(Gpu, [{"id": known[uuid][0], **_gpu_current(t, g)} for uuid, (_rank, t, g) in current.items()])
+    ids = {(node_id, uuid): pk for uuid, (pk, node_id, _mig, _at) in known.items()}
     # MIG layouts are only read when MIG is (or was) in play: most flushes skip a query.
     layouts = [(ids[(t.node.pk, g.uuid)], g.mig_instances) for _rank, t, g in current.values()
-               if t.fresh and (g.mig_mode or g.mig_instances or known.get(g.uuid, (0, 0, False))[2])]
+               if t.fresh and (g.mig_mode or g.mig_instances or known[g.uuid][2])]
     if layouts:
         _sync_mig(layouts)
     samples = []
     for t in taken:
         start, seconds = _utc(t.batch.interval_start), t.batch.interval_end - t.batch.interval_start
         for g in t.batch.gpus:
-            gpu_id = ids.get((t.node.pk, g.uuid))
-            if gpu_id is None:
-                logger.warning("batch %d: GPU %s belongs to another node; its samples are not stored", t.pk, g.uuid)
-                continue
             samples.append({
-                "gpu_id": gpu_id, "ts": start, "stored_at": now, "seconds": seconds,
+                "gpu_id": ids[(t.node.pk, g.uuid)], "ts": start, "stored_at": now, "seconds": seconds,
                 "util_mean": g.util_mean, "util_max": g.util_max, "mem_util_mean": g.mem_util_mean,
                 "memory_used_mib": g.memory_used_mib, "power_mean_w": g.power_mean_w, "energy_mj": g.energy_mj,
                 "temp_max_c": g.temp_max_c, "sm_clock_mhz": g.sm_clock_mhz,

@@ -7,8 +7,7 @@ import threading
 from django.core.management.base import BaseCommand
 from django.db import InterfaceError, OperationalError, close_old_connections, connection
 
-from portal.telemetry.models import IngestedBatch
-from portal.telemetry.services import STORE_BATCHES, batches_store
+from portal.telemetry.services import STORE_BATCHES, batches_requeue_set_aside, batches_store
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +25,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, once: bool, batches: int, idle: float, retry_failed: bool, **options):
         if retry_failed:
-            requeued = IngestedBatch.objects.filter(stored_at__isnull=True).exclude(store_error="").update(
-                store_error="")
-            self.stdout.write(f"{requeued} batches queued again")
+            self.stdout.write(f"{batches_requeue_set_aside()} batches queued again")
         stop = threading.Event()
         if not once:
             for sig in (signal.SIGTERM, signal.SIGINT):
