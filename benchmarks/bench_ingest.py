@@ -862,7 +862,7 @@ def main() -> int:
     began = time.monotonic()
     db_url = db_urls(args.pg_admin_url, args.db)
     var_dir = Path(tempfile.mkdtemp(prefix="tokenmill-bench-"))
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "CELERY_BROKER_URL", "TOKENMILL_PRODUCTION")}
+    env = {k: v for k, v in os.environ.items() if k not in ("CACHE_URL", "CELERY_BROKER_URL", "TOKENMILL_PRODUCTION")}
     env.update({
         "DATABASE_URL": db_url, "DJANGO_SETTINGS_MODULE": "portal.settings", "DEBUG": "0",
         "TOKENMILL_VAR_DIR": str(var_dir), "SECRET_KEY": os.urandom(32).hex(), "LOG_LEVEL": "WARNING",

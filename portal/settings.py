@@ -60,6 +60,7 @@ INSTALLED_APPS = [
     "django.contrib.humanize",
     "django_htmx",
     "template_partials",
+    "ninja",  # its own Swagger UI files, so /api/v1/docs needs no CDN
     "portal.accounts",
     "portal.tenants",
     "portal.fleet",
@@ -84,6 +85,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "portal.params.BadParameterMiddleware",
 ]
 
 ROOT_URLCONF = "portal.urls"
@@ -206,12 +208,17 @@ CELERY_BEAT_SCHEDULE = {
                                      "schedule": crontab(hour=3, minute=30)},
 }
 
-# Cache: Redis when configured (shared rate limits across processes), local memory otherwise.
-REDIS_URL = env_str("REDIS_URL") or (CELERY_BROKER_URL if CELERY_BROKER_URL.startswith("redis") else "")
-if REDIS_URL:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+# Cache: it holds the rate-limit and login-throttle counters, so every process must share it. Redis by CACHE_URL
+# or the broker's Redis; otherwise (the demo) files under var/cache, shared by the processes of one machine.
+CACHE_URL = env_str("CACHE_URL") or (CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(("redis://", "rediss://"))
+                                     else "")
+if CACHE_URL.startswith(("redis://", "rediss://")):
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": CACHE_URL}}
+elif CACHE_URL:
+    raise ImproperlyConfigured("CACHE_URL must be a redis:// or rediss:// URL")
 else:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+                          "LOCATION": str(VAR_DIR / "cache"), "OPTIONS": {"MAX_ENTRIES": 100_000}}}
 
 # Ingest limits: the contract in docs/architecture.md.
 INGEST_MAX_BODY_BYTES = env_int("INGEST_MAX_BODY_BYTES", 2 * 1024 * 1024, minimum=1024)
@@ -219,6 +226,11 @@ INGEST_MAX_BATCHES_PER_MINUTE = env_int("INGEST_MAX_BATCHES_PER_MINUTE", 120, mi
 TELEMETRY_RAW_RETENTION_HOURS = env_int("TELEMETRY_RAW_RETENTION_HOURS", 48, minimum=1)
 TELEMETRY_MINUTE_RETENTION_DAYS = env_int("TELEMETRY_MINUTE_RETENTION_DAYS", 30, minimum=1)
 METRICS_BEARER_TOKEN = env_str("METRICS_BEARER_TOKEN", "")
+# Log-in throttling (portal/accounts/throttle.py): failed attempts per account and per address before log-ins pause
+# for LOGIN_LOCKOUT_SECONDS (counted over the same period, in the cache above).
+LOGIN_FAILURES_PER_ACCOUNT = env_int("LOGIN_FAILURES_PER_ACCOUNT", 5, minimum=1)
+LOGIN_FAILURES_PER_ADDRESS = env_int("LOGIN_FAILURES_PER_ADDRESS", 30, minimum=1)
+LOGIN_LOCKOUT_SECONDS = env_int("LOGIN_LOCKOUT_SECONDS", 900, minimum=1)
 # Public sign-up: attempts per client address and hour (the cache above holds the counters).
 SIGNUP_RATE_LIMIT_PER_HOUR = env_int("SIGNUP_RATE_LIMIT_PER_HOUR", 10, minimum=1)
 # Fernet key(s) encrypting uploaded SSH private keys (portal/provisioning/crypto.py; first encrypts, all decrypt).

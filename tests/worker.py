@@ -68,6 +68,42 @@ def store_worker():
         log.unlink(missing_ok=True)
 
 
+@contextmanager
+def gunicorn_server(*, workers: int = 2, env: dict[str, str] | None = None):
+    """Serve the portal with gunicorn (as in production) on a free loopback port against the test database;
+    yields (base URL, access log path). The access log names the worker process of each request."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    tag = uuid.uuid4().hex[:8]
+    log, access = settings.VAR_DIR / f"gunicorn-{tag}.log", settings.VAR_DIR / f"gunicorn-{tag}-access.log"
+    environment = {**os.environ, "DATABASE_URL": database_url(), **(env or {})}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "gunicorn"), "portal.wsgi", "--bind", f"127.0.0.1:{port}",
+             "--workers", str(workers), "--access-logfile", str(access), "--access-logformat", "%(p)s %(s)s %(U)s"],
+            cwd=settings.BASE_DIR, env=environment, stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        def listening() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:
+                return proc.poll() is not None  # exited: stop waiting, the assertion below says why
+            return True
+
+        wait_until(listening, timeout=60, what="gunicorn to listen")
+        assert proc.poll() is None, log.read_text()
+        yield f"http://127.0.0.1:{port}", access
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.unlink(missing_ok=True)
+        access.unlink(missing_ok=True)
+
+
 def wait_until(predicate, timeout: float = 60.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -1,11 +1,9 @@
 """Agent endpoints: enroll and ingest. Thin: parse, authenticate, call a service, answer."""
 
 import functools
-import gzip
 import zlib
 
 from django.conf import settings
-from django.core.cache import cache
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, JsonResponse
 from django.utils import timezone
@@ -15,6 +13,7 @@ from pydantic import ValidationError
 
 from portal.fleet.models import Node, ScrapeTarget
 from portal.fleet.services import EnrollmentError, credential_authenticate, node_enroll
+from portal.ratelimit import cache_count
 from portal.telemetry.schemas import (
     AgentConfigOut,
     BatchIn,
@@ -60,7 +59,9 @@ class BodyError(Exception):
 
 
 def _read_body(request: HttpRequest) -> bytes:
-    """The request body, gunzipped when sent with Content-Encoding: gzip, within the configured size limits."""
+    """The request body, gunzipped when sent with Content-Encoding: gzip, within the configured size limits. A
+    chunked body (no Content-Length, which proxies and HTTP clients send) is read from the server's de-chunked
+    stream, as far as the limit and one byte more."""
     limit = settings.INGEST_MAX_BODY_BYTES
     try:
         declared = int(request.META.get("CONTENT_LENGTH") or 0)
@@ -68,22 +69,35 @@ def _read_body(request: HttpRequest) -> bytes:
         raise BodyError(400, "Content-Length is not a number") from None
     if declared > limit:
         raise BodyError(413, f"body exceeds {limit} bytes")
-    try:
-        body = request.body
-    except RequestDataTooBig:
-        raise BodyError(413, f"body exceeds {limit} bytes") from None
+    if not declared and "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower():
+        body = request.META["wsgi.input"].read(limit + 1)
+    else:
+        try:
+            body = request.body
+        except RequestDataTooBig:
+            raise BodyError(413, f"body exceeds {limit} bytes") from None
     if len(body) > limit:
         raise BodyError(413, f"body exceeds {limit} bytes")
     if request.headers.get("Content-Encoding", "").lower() == "gzip":
-        # Bounded decompression: a small gzip bomb must not become a large allocation.
-        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-        try:
-            body = inflater.decompress(body, 8 * limit)
-        except (zlib.error, gzip.BadGzipFile):
-            raise BodyError(400, "body is not valid gzip") from None
-        if inflater.unconsumed_tail:
-            raise BodyError(413, f"decompressed body exceeds {8 * limit} bytes")
+        body = _gunzip(body, limit=8 * limit)
     return body
+
+
+def _gunzip(body: bytes, *, limit: int) -> bytes:
+    """One gzip member, checked to its end (CRC and length trailer). Bounded: a small gzip bomb must not become a
+    large allocation."""
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(body, limit)
+    except zlib.error:
+        raise BodyError(400, "body is not valid gzip") from None
+    if inflater.unconsumed_tail:
+        raise BodyError(413, f"decompressed body exceeds {limit} bytes")
+    if not inflater.eof:
+        raise BodyError(400, "gzip body is truncated (no end of stream or trailer)")
+    if inflater.unused_data:
+        raise BodyError(400, "gzip body has data after its end")
+    return out
 
 
 def _validation_detail(exc: ValidationError) -> list[dict]:
@@ -93,8 +107,14 @@ def _validation_detail(exc: ValidationError) -> list[dict]:
     ]
 
 
+# The request bodies are read and validated by the views themselves (see BatchIn); the published document
+# references their schemas, which portal.api places among the document's components.
+BODY_SCHEMAS = (BatchIn, EnrollIn)
+
+
 def _request_body_schema(schema: type) -> dict:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema.model_json_schema()}}}}
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{schema.__name__}"}}}}}
 
 
 @router.post(
@@ -134,12 +154,7 @@ def enroll(request: HttpRequest):
 def ingest(request: HttpRequest):
     credential = request.auth
     window = int(timezone.now().timestamp() // 60)
-    rate_key = f"ingest-rate:{credential.node_id}:{window}"
-    try:
-        count = cache.incr(rate_key)  # one cache round trip on the common path
-    except ValueError:  # the minute's first batch
-        cache.add(rate_key, 0, timeout=120)
-        count = cache.incr(rate_key)
+    count = cache_count(f"ingest-rate:{credential.node_id}:{window}", timeout=120)
     if count > settings.INGEST_MAX_BATCHES_PER_MINUTE:
         return JsonResponse(
             {"detail": f"more than {settings.INGEST_MAX_BATCHES_PER_MINUTE} batches a minute; retry later"},
