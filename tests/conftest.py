@@ -64,3 +64,12 @@ def artifacts_dir():
 
 def is_postgres() -> bool:
     return connection.vendor == "postgresql"
+
+
+def bad_parameters(response) -> set[str]:
+    """The parameters a 400 page names (portal.params.BadParameter), after checking it is one."""
+    assert response.status_code == 400, response.status_code
+    problems = response.context["problems"]
+    for name in problems:
+        assert f"<code>{name}</code>:" in response.content.decode()
+    return set(problems)

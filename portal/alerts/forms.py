@@ -3,6 +3,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import EmailValidator, URLValidator
 
 from portal.alerts.models import ALERT_KINDS, AlertState, NotificationChannel, Severity
+from portal.params import IdField, PageField
 
 ALL = "all"
 
@@ -11,8 +12,8 @@ class AlertFilterForm(forms.Form):
     state = forms.ChoiceField(choices=[*AlertState.choices, (ALL, "All")], required=False)
     severity = forms.ChoiceField(choices=[("", "Any severity"), *Severity.choices], required=False)
     kind = forms.ChoiceField(choices=[("", "Any kind"), *ALERT_KINDS], required=False)
-    alert = forms.IntegerField(min_value=1, required=False)
-    page = forms.IntegerField(min_value=1, required=False)
+    alert = IdField(required=False)
+    page = PageField()
 
     def clean_state(self) -> str | None:
         """No state asked: open alerts, unless one alert is asked for by id (a notification's link)."""

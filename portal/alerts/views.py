@@ -18,13 +18,9 @@ from portal.alerts.services import (
     notification_channel_delete,
     notification_channel_set_enabled,
 )
+from portal.params import cleaned_params, query_params
 
 PAGE_SIZE = 50
-
-
-def _bad_request(form) -> HttpResponse:
-    errors = "; ".join(f"{field}: {' '.join(errs)}" for field, errs in form.errors.items())
-    return HttpResponse(f"Bad request. {errors}", status=400, content_type="text/plain")
 
 
 def _back(request: HttpRequest) -> str:
@@ -37,10 +33,7 @@ def _back(request: HttpRequest) -> str:
 
 @operator_required
 def alerts_page(request: HttpRequest) -> HttpResponse:
-    form = AlertFilterForm(request.GET)
-    if not form.is_valid():
-        return _bad_request(form)
-    filters = form.cleaned_data
+    filters = query_params(request, AlertFilterForm)
     alerts = alert_list(
         state=filters["state"], severity=filters["severity"] or None, kind=filters["kind"] or None,
         alert_id=filters["alert"],
@@ -104,11 +97,9 @@ def channels(request: HttpRequest) -> HttpResponse:
 @operator_admin_required
 @require_POST
 def channel_enable(request: HttpRequest, channel_id: int) -> HttpResponse:
-    form = ChannelEnableForm(request.POST)
-    if not form.is_valid():
-        return _bad_request(form)
+    enabled = cleaned_params(request.POST, ChannelEnableForm)["enabled"]
     try:
-        channel = notification_channel_set_enabled(channel_id=channel_id, enabled=form.cleaned_data["enabled"])
+        channel = notification_channel_set_enabled(channel_id=channel_id, enabled=enabled)
     except NotificationChannel.DoesNotExist:
         raise Http404("No such channel") from None
     messages.success(request, f"Channel “{channel.name}” {'enabled' if channel.enabled else 'disabled'}.")

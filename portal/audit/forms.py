@@ -1,5 +1,6 @@
 from django import forms
 
+from portal.params import PageField
 from portal.tenants.models import Tenant
 
 
@@ -8,4 +9,4 @@ class AuditFilterForm(forms.Form):
                                     empty_label="Any tenant")
     action = forms.CharField(max_length=64, required=False)
     actor = forms.CharField(max_length=150, required=False)
-    page = forms.IntegerField(min_value=1, required=False)
+    page = PageField()

@@ -5,6 +5,7 @@ from django.shortcuts import render
 from portal.accounts.access import operator_required
 from portal.audit.forms import AuditFilterForm
 from portal.audit.selectors import audit_actions, audit_entries
+from portal.params import query_params
 
 PAGE_SIZE = 50
 
@@ -12,11 +13,8 @@ PAGE_SIZE = 50
 @operator_required
 def audit_log(request: HttpRequest) -> HttpResponse:
     """Every operator and tenant-admin action: who, what, when, before and after. Filter by tenant, action, actor."""
+    filters = query_params(request, AuditFilterForm)
     form = AuditFilterForm(request.GET)
-    if not form.is_valid():
-        errors = "; ".join(f"{field}: {' '.join(errs)}" for field, errs in form.errors.items())
-        return HttpResponse(f"Bad request. {errors}", status=400, content_type="text/plain")
-    filters = form.cleaned_data
     entries = audit_entries(tenant_id=filters["tenant"].pk if filters["tenant"] else None,
                             action=filters["action"] or None, actor=filters["actor"] or None)
     page = Paginator(entries, PAGE_SIZE).get_page(filters["page"] or 1)

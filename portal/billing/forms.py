@@ -1,16 +1,17 @@
 from django import forms
 
 from portal.billing.models import InvoiceStatus
+from portal.params import DayField
 from portal.tenants.models import Plan
 
 
 class InvoiceFilterForm(forms.Form):
-    month = forms.DateField(required=False, input_formats=["%Y-%m"], help_text="YYYY-MM")
+    month = DayField(required=False, input_formats=["%Y-%m"], help_text="YYYY-MM")
     status = forms.ChoiceField(choices=[("", "Any status"), *InvoiceStatus.choices], required=False)
 
 
 class RunForm(forms.Form):
-    month = forms.DateField(input_formats=["%Y-%m"], help_text="A closed month, YYYY-MM")
+    month = DayField(input_formats=["%Y-%m"], help_text="A closed month, YYYY-MM")
 
 
 class PriceBookForm(forms.Form):
@@ -20,7 +21,7 @@ class PriceBookForm(forms.Form):
 
 class PriceForm(forms.Form):
     model_name = forms.CharField(max_length=200, label="Model", help_text="As deployed, e.g. meta-llama/Llama-3.1-8B")
-    effective_from = forms.DateField(help_text="YYYY-MM-DD, today or later (UTC)")
+    effective_from = DayField(help_text="YYYY-MM-DD, today or later (UTC)")
     input_per_mtok = forms.DecimalField(min_value=0, max_digits=12, decimal_places=6,
                                         label="Input per 1M tokens")
     output_per_mtok = forms.DecimalField(min_value=0, max_digits=12, decimal_places=6,
@@ -28,5 +29,5 @@ class PriceForm(forms.Form):
 
 
 class CommitmentForm(forms.Form):
-    effective_from = forms.DateField(help_text="YYYY-MM-DD, today or later; a month uses the one in force on its 1st")
+    effective_from = DayField(help_text="YYYY-MM-DD, today or later; a month uses the one in force on its 1st")
     monthly_minimum = forms.DecimalField(min_value=0, max_digits=14, decimal_places=2)

@@ -33,6 +33,7 @@ from portal.billing.services import (
     price_book_create,
 )
 from portal.billing.tasks import invoice_tenant_month
+from portal.params import query_params
 
 
 def invoice_csv_response(invoice: Invoice) -> HttpResponse:
@@ -43,14 +44,13 @@ def invoice_csv_response(invoice: Invoice) -> HttpResponse:
 
 
 def _list_page(request: HttpRequest, run_form: RunForm | None = None, status: int = 200) -> HttpResponse:
-    form = InvoiceFilterForm(request.GET)
-    valid = form.is_valid()
-    month = form.cleaned_data.get("month") if valid else None
+    filters = query_params(request, InvoiceFilterForm)
+    month = filters["month"]
     invoices = invoices_for_operators(period_start=month_start(month) if month else None,
-                                      status=form.cleaned_data.get("status") if valid else None)
+                                      status=filters["status"] or None)
     return render(request, "billing/operator_list.html", {
-        "form": form, "invoices": invoices[:500], "run_form": run_form or RunForm(),
-    }, status=status if valid else 400)
+        "form": InvoiceFilterForm(request.GET), "invoices": invoices[:500], "run_form": run_form or RunForm(),
+    }, status=status)
 
 
 @operator_required

@@ -3,6 +3,7 @@ from django.utils import timezone
 
 from portal.capacity.models import Deployment
 from portal.fleet.models import Gpu, MigInstance, Node
+from portal.params import MomentField
 from portal.tenants.models import Tenant, TenantStatus
 
 
@@ -12,8 +13,8 @@ class AllocationForm(forms.Form):
                                  label="GPU")
     mig_instance = forms.ModelChoiceField(queryset=MigInstance.objects.select_related("gpu__node"), required=False,
                                           label="MIG instance (blank: the whole GPU)")
-    starts_at = forms.DateTimeField(initial=timezone.now, label="From (UTC)")
-    ends_at = forms.DateTimeField(required=False, label="Until (UTC, blank: open-ended)")
+    starts_at = MomentField(initial=timezone.now, label="From (UTC)")
+    ends_at = MomentField(required=False, label="Until (UTC, blank: open-ended)")
 
     def clean(self):
         data = super().clean()

@@ -5,6 +5,11 @@ from django import forms
 from portal.fleet.models import Site
 
 
+class EconomicsPeriodForm(forms.Form):
+    period = forms.ChoiceField(choices=[("7d", "7 days"), ("30d", "30 days"), ("90d", "90 days")], required=False)
+    all = forms.BooleanField(required=False, help_text="Every deployment, not only the best and worst")
+
+
 class WhatIfForm(forms.Form):
     site = forms.ModelChoiceField(queryset=Site.objects.none(), empty_label=None)
     utilization = forms.IntegerField(min_value=1, max_value=100, label="Utilization (%)",

@@ -7,7 +7,7 @@ from django.utils import timezone
 
 from portal.accounts.access import operator_required
 from portal.economics import charts
-from portal.economics.forms import WhatIfForm
+from portal.economics.forms import EconomicsPeriodForm, WhatIfForm
 from portal.economics.pnl import payback, site_pnl
 from portal.economics.selectors import (
     costs_by_currency,
@@ -20,6 +20,7 @@ from portal.economics.selectors import (
 )
 from portal.economics.whatif import scenario, site_model
 from portal.fleet.models import Site
+from portal.params import query_params
 
 RANKED = 25  # deployments shown by default; ?all=1 shows every one
 PERIODS = {"7d": ("7 days", timedelta(days=7)), "30d": ("30 days", timedelta(days=30)),
@@ -28,14 +29,15 @@ PERIODS = {"7d": ("7 days", timedelta(days=7)), "30d": ("30 days", timedelta(day
 
 @operator_required
 def fleet_economics(request: HttpRequest) -> HttpResponse:
-    period = request.GET.get("period") if request.GET.get("period") in PERIODS else "30d"
+    params = query_params(request, EconomicsPeriodForm)
+    period = params["period"] or "30d"
     end = timezone.now()
     start = end - PERIODS[period][1]
     periods = site_costs(start=start, end=end)
     costs = deployment_costs(start=start, end=end)
     context = {
         "tenant_rows": tenant_economics(start=start, end=end, costs=costs),
-        "deployments": deployment_ranking(costs=costs, limit=None if request.GET.get("all") else RANKED),
+        "deployments": deployment_ranking(costs=costs, limit=None if params["all"] else RANKED),
         "deployment_count": len(costs),
         "models": model_economics(costs=costs),
         "period": period,

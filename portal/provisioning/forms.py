@@ -3,7 +3,7 @@ import re
 from django import forms
 
 from portal.fleet.models import Site
-from portal.provisioning.models import DEFAULT_INSTALL_DIR, SshCredential
+from portal.provisioning.models import DEFAULT_INSTALL_DIR, JobStatus, SshCredential
 from portal.provisioning.parsing import HostListError, known_hosts_lookup, parse_host_lines
 from portal.provisioning.ssh import KeyFormatError, load_pkey_file, normalize_private_key
 
@@ -138,3 +138,7 @@ class DecommissionForm(forms.Form):
                                  help_text="Stops and removes its agent, revokes its credential, ends its allocations")
     skip_ssh = forms.BooleanField(required=False, label="The node is gone: do not connect to it",
                                   help_text="Only revoke, release and mark it in the portal")
+
+
+class JobFilterForm(forms.Form):
+    status = forms.ChoiceField(choices=[("", "Any status"), *JobStatus.choices], required=False)

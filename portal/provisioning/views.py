@@ -5,15 +5,22 @@ from django.views.decorators.http import require_POST
 
 from portal.accounts.access import operator_admin_required, operator_required
 from portal.fleet.models import Node
+from portal.params import query_params
 from portal.provisioning import selectors, services
-from portal.provisioning.forms import AddNodesForm, CredentialForm, DecommissionForm, HostKeyConfirmForm
+from portal.provisioning.forms import (
+    AddNodesForm,
+    CredentialForm,
+    DecommissionForm,
+    HostKeyConfirmForm,
+    JobFilterForm,
+)
 from portal.provisioning.models import JobStatus, KnownHost, ProvisioningJob
 from portal.provisioning.ssh import KeyFormatError
 
 
 @operator_required
 def index(request: HttpRequest) -> HttpResponse:
-    status = request.GET.get("status") if request.GET.get("status") in JobStatus.values else None
+    status = query_params(request, JobFilterForm)["status"] or None
     rows = selectors.jobs_list(status=status)
     context = {"rows": rows, "polls": selectors.any_polling(rows), "status": status, "statuses": JobStatus.choices}
     template = "provisioning/index.html#jobs" if request.htmx else "provisioning/index.html"

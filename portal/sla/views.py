@@ -10,6 +10,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from portal.accounts.access import operator_admin_required, operator_required
+from portal.params import query_params
 from portal.sla.charts import fleet_sli_chart, sli_chart
 from portal.sla.forms import RANGES, ObjectiveForm, PolicyForm, RangeForm, RemoveObjectiveForm
 from portal.sla.models import SlaPolicy, Sli
@@ -19,11 +20,8 @@ from portal.tenants.access import tenant_required
 from portal.tenants.models import Membership, Tenant
 
 
-def _days(request: HttpRequest) -> tuple[int, bool]:
-    form = RangeForm(request.GET)
-    if not form.is_valid():
-        return 7, False
-    return form.cleaned_data["days"] or 7, True
+def _days(request: HttpRequest) -> int:
+    return query_params(request, RangeForm)["days"]
 
 
 def _charts(compliance: Compliance) -> list[dict]:
@@ -35,12 +33,12 @@ def _charts(compliance: Compliance) -> list[dict]:
 
 
 def _compliance_page(request: HttpRequest, template: str, tenant: Tenant, extra: dict) -> HttpResponse:
-    days, valid = _days(request)
+    days = _days(request)
     compliance = tenant_compliance(tenant=tenant, since=timezone.now() - timedelta(days=days))
     return render(request, template, {
         "tenant": tenant, "compliance": compliance, "charts": _charts(compliance), "days": days, "ranges": RANGES,
         **extra,
-    }, status=200 if valid else 400)
+    })
 
 
 @tenant_required
@@ -50,7 +48,7 @@ def tenant_page(request: HttpRequest, membership: Membership) -> HttpResponse:
 
 @operator_required
 def overview(request: HttpRequest) -> HttpResponse:
-    days, valid = _days(request)
+    days = _days(request)
     fleet = fleet_compliance(since=timezone.now() - timedelta(days=days))
     figures = []
     for sli in Sli:
@@ -58,7 +56,7 @@ def overview(request: HttpRequest) -> HttpResponse:
         if series:
             figures.append({"id": f"fig-fleet-{sli.value}", "title": sli.label, "figure": fleet_sli_chart(sli, series)})
     return render(request, "sla/overview.html", {"fleet": fleet, "figures": figures, "days": days, "ranges": RANGES,
-                                                 "slis": list(Sli)}, status=200 if valid else 400)
+                                                 "slis": list(Sli)})
 
 
 @operator_required

@@ -6,6 +6,7 @@ from django.views.decorators.http import require_POST
 
 from portal.accounts.access import operator_admin_required, operator_required
 from portal.fleet.models import Site
+from portal.params import query_params
 from portal.standards.forms import VERSION_FIELDS, BaselineForm, DriftFilterForm
 from portal.standards.models import Baseline
 from portal.standards.selectors import baseline_history, current_baseline, fleet_drift, fleet_versions
@@ -46,11 +47,7 @@ def baseline_save(request: HttpRequest) -> HttpResponse:
 
 @operator_required
 def drift_page(request: HttpRequest) -> HttpResponse:
-    form = DriftFilterForm(request.GET)
-    if not form.is_valid():
-        errors = "; ".join(f"{name}: {' '.join(errs)}" for name, errs in form.errors.items())
-        return HttpResponse(f"Bad request. {errors}", status=400, content_type="text/plain")
-    site = form.cleaned_data["site"]
+    site = query_params(request, DriftFilterForm)["site"]
     context = {"drift": fleet_drift(site_id=site.pk if site else None), "site": site, "sites": Site.objects.all()}
     template = "standards/drift.html#report" if request.htmx else "standards/drift.html"
     return render(request, template, context)

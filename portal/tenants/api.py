@@ -3,15 +3,16 @@ decides the tenant; every read goes through it, so no route takes a tenant id. t
 route here."""
 
 from datetime import date, datetime, timedelta
-from typing import Literal
+from typing import Annotated, Literal
 
 from django.http import HttpRequest
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
-from ninja import Router, Schema, Status
+from ninja import Path, Query, Router, Schema, Status
 from ninja.security import HttpBearer
 
 from portal.capacity.models import Deployment
+from portal.params import FIRST_DAY, ID_MAX, LAST_DAY
 from portal.telemetry.schemas import ErrorOut
 from portal.tenants.models import ApiKey
 from portal.tenants.selectors import deployment_health, tenant_deployment_list, tenant_usage_by_day
@@ -67,9 +68,13 @@ def _unprocessable(field: str, msg: str) -> Status:
     return Status(422, {"detail": [{"loc": ["query", field], "msg": msg, "type": "value_error"}]})
 
 
+Day = Annotated[date | None, Query(None, ge=FIRST_DAY, le=LAST_DAY, description="A UTC date, YYYY-MM-DD")]
+Id = Annotated[int, Path(ge=1, le=ID_MAX)]
+
+
 @router.get("/tenant/usage", response={200: UsageOut, 401: ErrorOut, 422: ErrorOut},
             summary="Token and request usage per model and UTC day")
-def usage(request: HttpRequest, start: date | None = None, end: date | None = None):
+def usage(request: HttpRequest, start: Day = None, end: Day = None):
     """Usage of the key's tenant over the inclusive UTC date range `start`..`end` (default: the last 30 days up to
     today). Exact integers, as the agents reported them; days without usage are left out."""
     tenant = request.auth.tenant
@@ -104,8 +109,9 @@ def deployments(request: HttpRequest):
     return Status(200, [_deployment_out(d, health[d.pk]) for d in items])
 
 
-@router.get("/tenant/deployments/{deployment_id}", response={200: DeploymentOut, 401: ErrorOut, 404: ErrorOut},
+@router.get("/tenant/deployments/{deployment_id}",
+            response={200: DeploymentOut, 401: ErrorOut, 404: ErrorOut, 422: ErrorOut},
             summary="One of the tenant's deployments and its health")
-def deployment(request: HttpRequest, deployment_id: int):
+def deployment(request: HttpRequest, deployment_id: Id):
     item = get_object_or_404(tenant_deployment_list(tenant=request.auth.tenant), pk=deployment_id)
     return Status(200, _deployment_out(item, deployment_health(deployments=[item])[item.pk]))

@@ -3,8 +3,9 @@ from datetime import UTC, datetime, time
 from django import forms
 from django.utils import timezone
 
+from portal.params import DayField, PageField
 from portal.tenants.models import MemberRole, Plan, TenantStatus
-from portal.tenants.services import signup_password_problems, signup_problems
+from portal.tenants.services import signup_organization_problem, signup_password_problems
 
 MAX_TOKENS_PER_MONTH = 10**15
 
@@ -26,17 +27,13 @@ class SignupForm(forms.Form):
 
     def clean_organization(self) -> str:
         name = self.cleaned_data["organization"].strip()
-        problem = signup_problems(organization=name).get("organization")
+        problem = signup_organization_problem(organization=name)
         if problem:
             raise forms.ValidationError(problem)
         return name
 
     def clean_email(self) -> str:
-        email = self.cleaned_data["email"].strip().lower()
-        problem = signup_problems(email=email).get("email")
-        if problem:
-            raise forms.ValidationError(problem)
-        return email
+        return self.cleaned_data["email"].strip().lower()
 
     def clean(self) -> dict:
         cleaned = super().clean()
@@ -76,6 +73,7 @@ class AcceptInvitationForm(forms.Form):
 
 class TenantFilterForm(forms.Form):
     status = forms.ChoiceField(choices=[("", "Any status"), *TenantStatus.choices], required=False)
+    page = PageField()
 
 
 class ApproveForm(forms.Form):
@@ -121,7 +119,7 @@ class CapacityRequestForm(forms.Form):
     count = forms.IntegerField(min_value=1, max_value=256, initial=1,
                                help_text="Whole GPUs, or MIG instances when a profile is chosen")
     mig_profile = forms.ChoiceField(label="MIG profile", required=False)
-    starts_on = forms.DateField(label="From (UTC date)", widget=forms.DateInput(attrs={"type": "date"}))
+    starts_on = DayField(label="From (UTC date)", widget=forms.DateInput(attrs={"type": "date"}))
     note = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), max_length=2000, required=False)
 
     def __init__(self, *args, gpu_types: list[str], mig_profiles: list[tuple[str, str]], **kwargs) -> None:

@@ -9,6 +9,7 @@ from django.views.decorators.http import require_POST
 from portal.accounts.access import operator_admin_required, operator_required
 from portal.audit.selectors import audit_entries
 from portal.capacity.models import Quota
+from portal.params import query_params
 from portal.tenants.forms import ApproveForm, PlanForm, ReasonForm, TenantFilterForm
 from portal.tenants.models import Plan, Tenant
 from portal.tenants.selectors import plans, tenant_admins, tenant_members, tenants_for_operators
@@ -26,11 +27,11 @@ PAGE_SIZE = 50
 
 @operator_required
 def tenant_list(request: HttpRequest) -> HttpResponse:
-    form = TenantFilterForm(request.GET)
-    status = form.cleaned_data["status"] if form.is_valid() else ""
-    page = Paginator(tenants_for_operators(status=status or None), PAGE_SIZE).get_page(request.GET.get("page"))
-    return render(request, "tenants/operator/list.html", {"page": page, "form": form, "status": status},
-                  status=200 if form.is_valid() else 400)
+    params = query_params(request, TenantFilterForm)
+    status = params["status"]
+    page = Paginator(tenants_for_operators(status=status or None), PAGE_SIZE).get_page(params["page"] or 1)
+    return render(request, "tenants/operator/list.html",
+                  {"page": page, "form": TenantFilterForm(request.GET), "status": status})
 
 
 def _detail(request: HttpRequest, tenant: Tenant, *, approve: ApproveForm | None = None,

@@ -10,6 +10,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from portal.accounts.access import authenticated
+from portal.params import query_params
 from portal.tenants.access import tenant_admin_required, tenant_required
 from portal.tenants.charts import usage_by_day_chart
 from portal.tenants.forms import ApiKeyForm, CapacityRequestForm, InviteForm, RoleForm, UsageRangeForm
@@ -65,15 +66,14 @@ def overview(request: HttpRequest, membership: Membership) -> HttpResponse:
 
 @tenant_required
 def usage(request: HttpRequest, membership: Membership) -> HttpResponse:
-    form = UsageRangeForm(request.GET)
-    days = form.cleaned_data["days"] if form.is_valid() else 30
+    days = query_params(request, UsageRangeForm)["days"]
     end = timezone.now().date()
     start = end - timedelta(days=days - 1)
     lines = tenant_usage_by_day(tenant=membership.tenant, start=start, end=end)
     return _page(request, membership, "tenants/usage.html", {
         "days": days, "start": start, "end": end, "lines": lines, "totals": totals_by_model(lines),
         "chart": usage_by_day_chart(lines, start=start, end=end), "ranges": UsageRangeForm.base_fields["days"].choices,
-    }, status=200 if form.is_valid() else 400)
+    })
 
 
 @tenant_required
