@@ -301,9 +301,15 @@ class TestInvoicePages:
                     f"/tenant/{other.slug}/billing/", f"/tenant/{other.slug}/billing/{other_invoice.pk}/csv/"):
             assert client.get(url).status_code == 404, url
 
-    def test_a_member_recomputes_the_running_month_draft(self, client):
+    def test_a_tenant_admin_recomputes_the_running_month_draft_and_a_member_cannot(self, client):
         tenant, _ = served_tenant()
+        member = MembershipFactory(tenant=tenant, role="member").user
+        client.login(username=member.username, password=PASSWORD)
+        assert "Recompute" not in client.get(f"/tenant/{tenant.slug}/billing/").content.decode()
+        assert client.post(f"/tenant/{tenant.slug}/billing/draft/").status_code == 403
+        assert not Invoice.objects.filter(tenant=tenant).exists()
         client.login(username=MembershipFactory(tenant=tenant).user.username, password=PASSWORD)
+        assert "Recompute" in client.get(f"/tenant/{tenant.slug}/billing/").content.decode()
         response = client.post(f"/tenant/{tenant.slug}/billing/draft/")
         invoice = Invoice.objects.get(tenant=tenant)
         assert response.status_code == 302 and invoice.status == InvoiceStatus.DRAFT

@@ -154,7 +154,6 @@ class TestSignup:
         ({"organization": "Acme-AI!"}, "organization", "already registered"),  # same slug
         ({"organization": "!!!"}, "organization", "letters or digits"),
         ({"organization": ""}, "organization", "required"),
-        ({"email": "Taken@Example.com"}, "email", "already exists"),
         ({"email": "not-an-address"}, "email", "valid email"),
         ({"password": "1234567890"}, "password", "entirely numeric"),
         ({"password": "short"}, "password", "too short"),
@@ -172,6 +171,28 @@ class TestSignup:
         assert message in " ".join(errors[field]).lower()
         assert counts() == before
         assert mail.outbox == []
+
+    def test_it_answers_a_known_address_as_any_other_and_tells_its_owner_by_mail(self, client, committed):
+        # The page must not tell anyone which addresses are customers: the same redirect and "check your e-mail"
+        # page as a new sign-up; only the address's owner learns, by mail, that it already has an account.
+        UserFactory(email="taken@example.com", first_name="Tara")
+        before = counts()
+        with committed():
+            known = client.post("/signup/", signup_data(email="Taken@Example.com", organization="Other Org"))
+        assert known.status_code == 302 and known["Location"] == "/signup/sent/"
+        assert counts() == before
+        [message] = mail.outbox
+        assert message.to == ["taken@example.com"] and message.subject == "Your Tokenmill account"
+        assert "already has" in message.body and "/accounts/password-reset/" in message.body
+        def main(response) -> str:
+            return response.content.decode().split("<main", 1)[1].split("</main>", 1)[0]
+
+        page = main(client.get("/signup/sent/"))
+        with committed():
+            new = client.post("/signup/", signup_data())
+        assert (new.status_code, new["Location"]) == (known.status_code, known["Location"])
+        assert main(client.get("/signup/sent/")).replace("pepper@stark.example", "taken@example.com") == page
+        assert mail.outbox[1].subject == "Verify your e-mail address for Tokenmill"
 
     def test_it_rate_limits_signups_per_address(self, client, settings):
         settings.SIGNUP_RATE_LIMIT_PER_HOUR = 2

@@ -1,3 +1,5 @@
+from datetime import UTC, datetime
+
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
 
@@ -25,6 +27,13 @@ def _jsonable(value: dict | None) -> dict | None:
 def snapshot(obj: models.Model, fields: list[str]) -> dict:
     """The named fields of an object, for an entry's before/after."""
     return _jsonable({name: getattr(obj, name) for name in fields})
+
+
+def audit_login_lockout(*, scope: str, ident: str, failures: int, until: float, **_signal) -> AuditEntry:
+    """Receiver of accounts.throttle.login_locked_out: log-ins for an account or an address were paused."""
+    user = User.objects.filter(username__iexact=ident).first() if scope == "account" else None
+    return audit_record(actor=None, action=f"login.lockout_{scope}", target=user or f"{scope} {ident}",
+                        after={"failures": failures, "until": datetime.fromtimestamp(until, tz=UTC)})
 
 
 def audit_record(*, actor: User | None, action: str, target: models.Model | str, tenant: Tenant | None = None,

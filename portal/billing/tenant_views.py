@@ -10,7 +10,7 @@ from portal.billing.models import Invoice
 from portal.billing.selectors import current_month, invoice_for_tenant, invoice_lines, invoices_for_tenant
 from portal.billing.services import BillingError, invoice_refresh_draft
 from portal.billing.views import invoice_csv_response
-from portal.tenants.access import tenant_required
+from portal.tenants.access import tenant_admin_required, tenant_required
 from portal.tenants.models import Membership
 
 
@@ -29,7 +29,7 @@ def invoice_list(request: HttpRequest, membership: Membership) -> HttpResponse:
     })
 
 
-@tenant_required
+@tenant_admin_required
 @require_POST
 def draft_refresh(request: HttpRequest, membership: Membership) -> HttpResponse:
     try:

@@ -15,7 +15,7 @@ STATUS_SUBJECTS = {
     "suspend": "{tenant} is suspended on Tokenmill",
     "reactivate": "{tenant} is active again on Tokenmill",
 }
-KINDS = ("verify", "invitation", *STATUS_SUBJECTS)
+KINDS = ("verify", "signup_existing", "invitation", *STATUS_SUBJECTS)
 
 
 def _absolute(base_url: str, path: str) -> str:
@@ -36,6 +36,14 @@ def mail_verification(*, user: User, base_url: str) -> int:
                  {"user": user, "tenant": tenant, "link": link}, [user.email])
 
 
+def mail_signup_existing(*, user: User, base_url: str) -> int:
+    """Someone signed up with an address that already has an account: tell its owner, not the page."""
+    return _send("Your Tokenmill account", "signup_existing", {
+        "user": user, "login": _absolute(base_url, reverse("accounts:login")),
+        "reset": _absolute(base_url, reverse("accounts:password_reset")),
+    }, [user.email])
+
+
 def mail_invitation(*, invitation: Invitation, base_url: str) -> int:
     link = _absolute(base_url, reverse("signup:invitation", args=[invitation_token(invitation=invitation)]))
     return _send(f"You are invited to {invitation.tenant} on Tokenmill", "invitation",
@@ -54,6 +62,9 @@ def mail_send(*, kind: str, object_id: int, base_url: str) -> int:
     if kind == "verify":
         user = User.objects.filter(pk=object_id).first()
         return mail_verification(user=user, base_url=base_url) if user else 0
+    if kind == "signup_existing":
+        user = User.objects.filter(pk=object_id).first()
+        return mail_signup_existing(user=user, base_url=base_url) if user else 0
     if kind == "invitation":
         invitation = Invitation.objects.select_related("tenant", "invited_by").filter(pk=object_id).first()
         return mail_invitation(invitation=invitation, base_url=base_url) if invitation and invitation.is_open else 0

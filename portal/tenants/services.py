@@ -10,6 +10,7 @@ from django.contrib.auth.password_validation import validate_password
 from django.core import signing
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 from django.utils.text import slugify
 
@@ -52,20 +53,19 @@ def organization_slug(name: str) -> str:
     return slugify(name)[:64].strip("-")
 
 
-def signup_problems(*, organization: str | None = None, email: str | None = None) -> dict[str, str]:
-    """What blocks a sign-up with this organization name and/or e-mail address, by field."""
-    problems = {}
-    if organization is not None:
-        slug = organization_slug(organization)
-        if not slug:
-            problems["organization"] = "The organization name needs letters or digits."
-        elif Tenant.objects.filter(name__iexact=organization.strip()).exists() or Tenant.objects.filter(
-                slug=slug).exists():
-            problems["organization"] = "An organization with this name is already registered."
-    if email is not None and (User.objects.filter(email__iexact=email).exists()
-                              or User.objects.filter(username__iexact=email).exists()):
-        problems["email"] = "An account with this e-mail address already exists."
-    return problems
+def signup_organization_problem(*, organization: str) -> str | None:
+    """What blocks a sign-up with this organization name, if anything. (Whether an e-mail address has an account
+    is never said on a page: signup_create mails its owner instead.)"""
+    slug = organization_slug(organization)
+    if not slug:
+        return "The organization name needs letters or digits."
+    if Tenant.objects.filter(name__iexact=organization.strip()).exists() or Tenant.objects.filter(slug=slug).exists():
+        return "An organization with this name is already registered."
+    return None
+
+
+def _existing_account(email: str) -> User | None:
+    return User.objects.filter(Q(email__iexact=email) | Q(username__iexact=email)).order_by("pk").first()
 
 
 def signup_password_problems(*, password: str, email: str, admin_name: str) -> list[str]:
@@ -80,15 +80,18 @@ def signup_password_problems(*, password: str, email: str, admin_name: str) -> l
 def signup_create(
     *, organization: str, admin_name: str, email: str, password: str, intended_models: str,
     expected_tokens_per_month: int | None, requested_capacity: str, base_url: str,
-) -> Tenant:
+) -> Tenant | None:
     """Create a pending tenant, its admin (inactive until the e-mail is verified) and their membership, all or none,
-    and mail the verification link."""
+    and mail the verification link. When the address already has an account, nothing is created and its owner is
+    mailed instead (None): the caller answers both cases alike, so the page never tells who is a customer."""
     email = email.strip().lower()
     organization = organization.strip()
-    problems = signup_problems(organization=organization, email=email)
-    if problems:
-        field, message = next(iter(problems.items()))
-        raise TenantError(message, field=field)
+    problem = signup_organization_problem(organization=organization)
+    if problem:
+        raise TenantError(problem, field="organization")
+    if (existing := _existing_account(email)) is not None:
+        _mail("signup_existing", existing.pk, base_url)
+        return None
     first, _, last = admin_name.strip().partition(" ")
     try:
         with transaction.atomic():
@@ -108,9 +111,11 @@ def signup_create(
             _mail("verify", user.pk, base_url)
     except IntegrityError:
         # Someone registered the same name or e-mail between the check and the insert.
-        problems = signup_problems(organization=organization, email=email)
-        field, message = next(iter(problems.items()), ("organization", "The sign-up clashed with another; retry."))
-        raise TenantError(message, field=field) from None
+        if (existing := _existing_account(email)) is not None:
+            _mail("signup_existing", existing.pk, base_url)
+            return None
+        problem = signup_organization_problem(organization=organization) or "The sign-up clashed with another; retry."
+        raise TenantError(problem, field="organization") from None
     return tenant
 
 

@@ -11,8 +11,8 @@ from django.urls import reverse
 from django.views.decorators.http import require_http_methods
 
 from portal.accounts.access import public
+from portal.ratelimit import client_address, rate_limit_hit
 from portal.tenants.forms import AcceptInvitationForm, ResendVerificationForm, SignupForm
-from portal.tenants.ratelimit import client_address, rate_limit_hit
 from portal.tenants.selectors import account_exists
 from portal.tenants.services import (
     TenantError,
