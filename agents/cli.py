@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     once = sub.add_parser("once", help="collect one short interval; nothing is sent or spooled")
     once.add_argument("--print", dest="print_json", action="store_true", help="print the batch as JSON")
     _global_flags(once, suppress=True)
+    requeue = sub.add_parser("requeue", help="send quarantined batches again (under their own seq)")
+    which = requeue.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="every quarantined batch")
+    which.add_argument("seqs", nargs="*", type=int, default=[], metavar="SEQ", help="these batches")
+    _global_flags(requeue, suppress=True)
     status = sub.add_parser("status", help="credential, spool, quarantine and sender state")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     _global_flags(status, suppress=True)
@@ -157,6 +162,25 @@ def cmd_once(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     return 0
 
 
+def cmd_requeue(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    from agents.spool import Spool
+
+    if not cfg.spool_path.exists():
+        print("no spool: nothing is quarantined")
+        return 0
+    spool = Spool(cfg.spool_path, cfg.spool_max_bytes)
+    try:
+        moved = spool.requeue(None if args.all else args.seqs)
+    finally:
+        spool.close()
+    missing = sorted(set(args.seqs) - set(moved))
+    print(f"{len(moved)} batch(es) queued again: {', '.join(map(str, moved)) or 'none'}")
+    if missing:
+        print(f"not in quarantine: {', '.join(map(str, missing))}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def status_dict(cfg: config_mod.Config) -> dict[str, Any]:
     from agents.spool import Spool
 
@@ -176,9 +200,9 @@ def status_dict(cfg: config_mod.Config) -> dict[str, Any]:
         finally:
             spool.close()
     else:
-        out.update(spool_depth=0, spool_bytes=0, spool_oldest_age_s=None, quarantined=0, dropped_total=0,
-                   dropped_unreported=0, next_seq=1, last_send=None, last_send_age_s=None, last_error=None,
-                   last_error_at=None)
+        out.update(spool_depth=0, spool_bytes=0, spool_oldest_age_s=None, quarantined=0, quarantined_tokens=0,
+                   credential_rejected_since=None, unbillable_endpoints=[], dropped_total=0, dropped_unreported=0,
+                   next_seq=1, last_send=None, last_send_age_s=None, last_error=None, last_error_at=None)
     return out
 
 
@@ -193,10 +217,16 @@ def cmd_status(args: argparse.Namespace, cfg: config_mod.Config) -> int:
 
     print(f"state dir:        {st['state_dir']}")
     print(f"portal:           {st['portal_url']} (config v{st['config_version']}, {st['targets']} target(s))")
-    print(f"credential:       {'present' if st['credential_present'] else 'MISSING (run enroll)'}")
+    credential = "present" if st["credential_present"] else "MISSING (run enroll)"
+    if st["credential_rejected_since"]:
+        credential += f", REJECTED by the portal since {fmt_ts(st['credential_rejected_since'])} (batches kept)"
+    print(f"credential:       {credential}")
     age = f", oldest {st['spool_oldest_age_s']} s old" if st["spool_oldest_age_s"] is not None else ""
     print(f"spool:            {st['spool_depth']} batch(es), {st['spool_bytes']} bytes{age}")
-    print(f"quarantined:      {st['quarantined']}")
+    print(f"quarantined:      {st['quarantined']} batch(es), {st['quarantined_tokens']} tokens"
+          + (" (tokenmill-agent requeue --all sends them again)" if st["quarantined"] else ""))
+    for url in st["unbillable_endpoints"]:
+        print(f"UNBILLABLE:       {url} answers but exposes no token counters the agent knows")
     print(f"dropped (full):   {st['dropped_total']} ({st['dropped_unreported']} not yet reported)")
     print(f"next seq:         {st['next_seq']}")
     print(f"last send:        {fmt_ts(st['last_send'])}")
@@ -215,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     except config_mod.ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    handlers = {"enroll": cmd_enroll, "run": cmd_run, "once": cmd_once, "status": cmd_status}
+    handlers = {"enroll": cmd_enroll, "run": cmd_run, "once": cmd_once, "requeue": cmd_requeue,
+                "status": cmd_status}
     return handlers[args.command](args, cfg)
 
 

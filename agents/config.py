@@ -40,6 +40,9 @@ class SimulateConfig:
     seed: int = 42
     load: float = 0.6
     driver_version: str = "590.48.01"
+    # Endpoints this simulated node serves without any token counter (as Dynamo's TensorRT-LLM worker of January
+    # 2026 does): they answer, count requests, and are reported unbillable.
+    unbillable: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ def _target(raw: Any, where: str) -> Target:
 def _simulate(raw: Any) -> SimulateConfig:
     if not isinstance(raw, dict):
         raise ConfigError("[simulate] must be a table")
-    unknown = set(raw) - {"gpus", "gpu_model", "mig", "seed", "load", "driver_version"}
+    unknown = set(raw) - {"gpus", "gpu_model", "mig", "seed", "load", "driver_version", "unbillable"}
     if unknown:
         raise ConfigError(f"[simulate]: unknown keys {sorted(unknown)}")
     sim = SimulateConfig(
@@ -96,6 +99,7 @@ def _simulate(raw: Any) -> SimulateConfig:
         seed=int(raw.get("seed", 42)),
         load=float(raw.get("load", 0.6)),
         driver_version=str(raw.get("driver_version", SimulateConfig.driver_version)),
+        unbillable=tuple(str(url) for url in raw.get("unbillable", ())),
     )
     return _check_sim(sim)
 

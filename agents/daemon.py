@@ -6,6 +6,7 @@ collection. SIGTERM/SIGINT close the current (partial) interval into the spool, 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import platform
@@ -122,7 +123,7 @@ class Agent:
             readings, sim_updates = self.sim_engines.collect(end)
         else:
             readings = self.engines.collect()
-        engines, updates = self.delta.compute(readings)
+        engines, updates = self.delta.compute(readings, end)
         if len(events) > MAX_EVENTS:
             log.error("%d health events in one interval; only the first %d are sent", len(events), MAX_EVENTS)
             events = events[:MAX_EVENTS]
@@ -225,7 +226,8 @@ def run(cfg: Config, stop: threading.Event, *, nvml: Any = None, http_get=None) 
     def close_interval(start: float, end: float) -> None:
         try:
             batch, updates, sim_updates = agent.build_batch(start, end)
-            seq = spool.append(batch, {**updates, **sim_updates})
+            unbillable = sorted({e["endpoint"] for e in batch["engines"] if e["up"] and not e["token_families"]})
+            seq = spool.append(batch, {**updates, **sim_updates}, meta={"unbillable": json.dumps(unbillable)})
         except Exception:  # never die in the loop; the next interval retries from the same state
             log.exception("could not close interval %.0f-%.0f", start, end)
             return

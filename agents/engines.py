@@ -1,7 +1,7 @@
 """Inference-engine collector: scrape /metrics of vLLM, TGI, Triton/TensorRT-LLM and SGLang, map to one schema.
 
-Output is *cumulative* readings per (endpoint, model, series); agents.delta turns them into interval deltas.
-Mapping tables are data (see docs/agent.md for the same table in prose).
+Output is *cumulative* readings per (endpoint, model, series); agents.delta turns them into interval deltas. What
+each engine exports is data, in agents.engine_specs; docs/agent.md has the same table in prose.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import math
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from agents.config import Target
+from agents.engine_specs import DIALECTS, TOKEN_FIELDS, Dialect, EngineSpec
 from agents.promtext import ParseResult, parse
 
 log = logging.getLogger(__name__)
@@ -56,150 +57,24 @@ class EndpointReading:
     version: str | None = None
     error: str | None = None
     models: dict[str, ModelReading] = field(default_factory=dict)
+    dialect: str | None = None  # which of the engine's dialects the scrape matched (agents.engine_specs)
+    token_families: tuple[str, ...] = ()  # the token counters found: none on an answering endpoint = unbillable
+    process_start: float | None = None  # the engine process's start, epoch seconds, where it exports it
 
 
-LabelFilter = Callable[[dict[str, str]], bool] | None
+@dataclass
+class Mapped:
+    """One scrape mapped to the schema."""
+
+    models: dict[str, ModelReading]
+    errors: list[str]
+    dialect: str
+    token_families: tuple[str, ...]
+    process_start: float | None
 
 
-@dataclass(frozen=True)
-class Rule:
-    sample: str
-    where: LabelFilter = None
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    model_labels: tuple[str, ...]
-    counters: dict[str, tuple[Rule, ...]]
-    gauges: dict[str, tuple[Rule, ...]]  # first rule that has samples wins
-    hists: dict[str, tuple[tuple[str, float], ...]]  # field -> ((base name, scale to seconds), ...), first wins
-    settings_info: tuple[str, ...] = ()  # info-style gauges whose labels become settings
-
-    def prefixes(self) -> tuple[str, ...]:
-        names = {r.sample for rules in self.counters.values() for r in rules}
-        names |= {r.sample for rules in self.gauges.values() for r in rules}
-        names |= {base for cands in self.hists.values() for base, _ in cands}
-        names |= set(self.settings_info)
-        return tuple(sorted(names))
-
-
-_VLLM_FAILED = frozenset({"abort", "error"})
-
-
-def _vllm_ok(labels: dict[str, str]) -> bool:
-    return labels.get("finished_reason") not in _VLLM_FAILED
-
-
-def _vllm_failed(labels: dict[str, str]) -> bool:
-    return labels.get("finished_reason") in _VLLM_FAILED
-
-
-def _label_is(key: str, value: str) -> Callable[[dict[str, str]], bool]:
-    return lambda labels: labels.get(key) == value
-
-
-VLLM = EngineSpec(
-    model_labels=("model_name",),
-    counters={
-        "prompt_tokens": (Rule("vllm:prompt_tokens_total"),),
-        "generation_tokens": (Rule("vllm:generation_tokens_total"),),
-        "requests_ok": (Rule("vllm:request_success_total", _vllm_ok),),
-        "requests_failed": (Rule("vllm:request_success_total", _vllm_failed),),
-    },
-    gauges={
-        "running": (Rule("vllm:num_requests_running"),),
-        "waiting": (Rule("vllm:num_requests_waiting"),),
-        # V1 renamed gpu_cache_usage_perc to kv_cache_usage_perc
-        "kv_cache_usage": (Rule("vllm:kv_cache_usage_perc"), Rule("vllm:gpu_cache_usage_perc")),
-    },
-    hists={
-        "ttft": (("vllm:time_to_first_token_seconds", 1.0),),
-        # V1: inter_token_latency_seconds; V0: time_per_output_token_seconds (same observation, renamed)
-        "itl": (("vllm:inter_token_latency_seconds", 1.0), ("vllm:time_per_output_token_seconds", 1.0)),
-        "e2e": (("vllm:e2e_request_latency_seconds", 1.0),),
-    },
-    settings_info=("vllm:cache_config_info",),
-)
-
-
-def _sglang(p: str) -> EngineSpec:
-    return EngineSpec(
-        model_labels=("model_name", "name"),
-        counters={
-            "prompt_tokens": (Rule(f"{p}prompt_tokens_total"),),
-            "generation_tokens": (Rule(f"{p}generation_tokens_total"),),
-            # SGLang has no success counter in most versions: finished requests = e2e histogram count
-            "requests_ok": (Rule(f"{p}e2e_request_latency_seconds_count"),),
-            "requests_failed": (Rule(f"{p}num_aborted_requests_total"),),
-        },
-        gauges={
-            "running": (Rule(f"{p}num_running_reqs"),),
-            "waiting": (Rule(f"{p}num_queue_reqs"),),
-            "kv_cache_usage": (Rule(f"{p}token_usage"),),
-        },
-        hists={
-            "ttft": ((f"{p}time_to_first_token_seconds", 1.0),),
-            "itl": ((f"{p}inter_token_latency_seconds", 1.0), (f"{p}time_per_output_token_seconds", 1.0)),
-            "e2e": ((f"{p}e2e_request_latency_seconds", 1.0),),
-        },
-    )
-
-
-_SGLANG_COLON = _sglang("sglang:")
-_SGLANG_UNDERSCORE = _sglang("sglang_")
-SGLANG = EngineSpec(
-    model_labels=_SGLANG_COLON.model_labels,
-    counters={k: _SGLANG_COLON.counters[k] + _SGLANG_UNDERSCORE.counters[k] for k in _SGLANG_COLON.counters},
-    gauges={k: _SGLANG_COLON.gauges[k] + _SGLANG_UNDERSCORE.gauges[k] for k in _SGLANG_COLON.gauges},
-    hists={k: _SGLANG_COLON.hists[k] + _SGLANG_UNDERSCORE.hists[k] for k in _SGLANG_COLON.hists},
-)
-
-# Hugging Face TGI: documented metric names (router/src/main.rs, docs "Metrics"); counters have no _total suffix
-# in TGI's exporter (a counter TYPE line makes the parser add one; both spellings land on the same rule).
-# No real TGI capture exists in our fixtures.
-TGI = EngineSpec(
-    model_labels=(),
-    counters={
-        "prompt_tokens": (Rule("tgi_request_input_length_sum"),),
-        "generation_tokens": (Rule("tgi_request_generated_tokens_sum"),),
-        "requests_ok": (Rule("tgi_request_success"),),
-        "requests_failed": (Rule("tgi_request_failure"),),
-    },
-    gauges={
-        "running": (Rule("tgi_batch_current_size"),),
-        "waiting": (Rule("tgi_queue_size"),),
-    },
-    hists={
-        "itl": (("tgi_request_mean_time_per_token_duration", 1.0),),
-        "e2e": (("tgi_request_duration", 1.0),),
-    },
-)
-
-TRITON = EngineSpec(
-    model_labels=("model", "model_name"),
-    counters={
-        "prompt_tokens": (Rule("nv_llm_input_token_len_sum"), Rule("pytrtllm:prompt_tokens_total")),
-        "generation_tokens": (Rule("nv_llm_output_token_len_sum"), Rule("pytrtllm:generation_tokens_total")),
-        "requests_ok": (Rule("nv_inference_request_success"), Rule("pytrtllm:request_completed_total")),
-        "requests_failed": (Rule("nv_inference_request_failure"), Rule("pytrtllm:request_failed_total")),
-    },
-    gauges={
-        "running": (
-            Rule("nv_trt_llm_request_metrics", _label_is("request_type", "active")),
-            Rule("pytrtllm:num_requests_running"),
-        ),
-        "waiting": (
-            Rule("nv_trt_llm_request_metrics", _label_is("request_type", "waiting")),
-            Rule("pytrtllm:num_requests_waiting"),
-            Rule("nv_inference_pending_request_count"),
-        ),
-        "kv_cache_usage": (Rule("nv_trt_llm_kv_cache_block_metrics", _label_is("kv_cache_block_type", "fraction")),),
-    },
-    hists={"ttft": (("nv_inference_first_response_histogram_ms", 0.001),)},
-)
-
-SPECS: dict[str, EngineSpec] = {"vllm": VLLM, "tgi": TGI, "triton": TRITON, "sglang": SGLANG}
-_PREFIXES = {name: spec.prefixes() for name, spec in SPECS.items()}
+_PREFIXES = {engine: tuple(sorted({n for d in dialects for n in d.spec.names()}))
+             for engine, dialects in DIALECTS.items()}
 _GAUGE_MEAN = {"kv_cache_usage"}
 
 
@@ -249,25 +124,54 @@ def _hists(pr: ParseResult, base: str, scale: float, spec: EngineSpec, default: 
     return out
 
 
-def map_samples(engine: str, pr: ParseResult, default_model: str) -> tuple[dict[str, ModelReading], list[str]]:
-    """Map parsed samples of one engine to ModelReadings keyed by model. Returns (models, problems)."""
-    spec = SPECS[engine]
+def _dialect(engine: str, pr: ParseResult) -> Dialect:
+    """The first dialect whose token families have samples; failing that, the first with any family; else the
+    engine's own."""
+    dialects = DIALECTS[engine]
+    for dialect in dialects:
+        if any(pr.get(name) for name in dialect.spec.token_samples()):
+            return dialect
+    for dialect in dialects:
+        if any(pr.get(name) for name in dialect.spec.names() if name != dialect.spec.process_start):
+            return dialect
+    return dialects[0]
+
+
+def map_samples(engine: str, pr: ParseResult, default_model: str) -> Mapped:
+    """Map parsed samples of one engine to ModelReadings keyed by model."""
+    dialect = _dialect(engine, pr)
+    spec = dialect.spec
     errors: list[str] = list(pr.errors)
     models: dict[str, ModelReading] = {}
+    families: set[str] = set()
 
     def model(name: str) -> ModelReading:
         return models.setdefault(name, ModelReading())
 
+    # A model named by any family keeps its name even when that family is rejected below (a histogram without
+    # +Inf, say): its record must not fall back to the default model.
+    for name in spec.names():
+        for labels, _value in pr.get(name):
+            if any(labels.get(key) for key in spec.model_labels):
+                model(_model_of(labels, spec, default_model))
     for fld, rules in spec.counters.items():
+        taken: set[str] = set()  # per model, the first rule with samples wins
         for rule in rules:
+            found: set[str] = set()
             for labels, value in pr.get(rule.sample):
                 if rule.where is not None and not rule.where(labels):
+                    continue
+                name = _model_of(labels, spec, default_model)
+                if name in taken:
                     continue
                 if value < 0:
                     errors.append(f"negative counter {rule.sample}{labels}: skipped")
                     continue
-                m = model(_model_of(labels, spec, default_model))
-                m.counters.setdefault(fld, {})[f"{rule.sample}|{_series(labels, spec)}"] = value
+                model(name).counters.setdefault(fld, {})[f"{rule.sample}|{_series(labels, spec)}"] = value
+                found.add(name)
+                if fld in TOKEN_FIELDS:
+                    families.add(rule.sample)
+            taken |= found
     for fld, rules in spec.gauges.items():
         for rule in rules:
             per_model: dict[str, list[float]] = {}
@@ -302,14 +206,38 @@ def map_samples(engine: str, pr: ParseResult, default_model: str) -> tuple[dict[
         settings = dict(list(sorted(settings.items()))[:32])
         for m in models.values() or [model(default_model)]:
             m.settings.update(settings)
-    return models, errors
+    starts = [value for _labels, value in pr.get(spec.process_start)] if spec.process_start else []
+    return Mapped(models=models, errors=errors, dialect=dialect.name, token_families=tuple(sorted(families)),
+                  process_start=max(starts) if starts else None)
 
 
-def parse_metrics(
-    engine: str, text: str, default_model: str | None = None
-) -> tuple[dict[str, ModelReading], list[str]]:
-    pr = parse(text, _PREFIXES[engine])
-    return map_samples(engine, pr, default_model or UNKNOWN_MODEL)
+def fold_ensembles(models: dict[str, ModelReading], ensembles: dict[str, tuple[str, ...]]) -> dict[str, ModelReading]:
+    """Triton counts a request through an ensemble in the ensemble's counters *and* in each composing model's. Keep
+    the ensemble only: its own requests, and the tokens (and latency) of whichever composing model has them, when
+    the ensemble itself reports none. A composing model is never reported on its own."""
+    composing = {step for steps in ensembles.values() for step in steps}
+    out = {name: m for name, m in models.items() if name not in composing or name in ensembles}
+    for name, steps in ensembles.items():
+        ensemble = out.get(name)
+        if ensemble is None:
+            continue
+        for fld in TOKEN_FIELDS:
+            if not ensemble.counters.get(fld):
+                merged = {f"{step}|{series}": value for step in steps if step in models
+                          for series, value in models[step].counters.get(fld, {}).items()}
+                if merged:
+                    ensemble.counters[fld] = merged
+        for fld in HIST_FIELDS:
+            if not ensemble.hists.get(fld):
+                merged_h = {f"{step}|{series}": h for step in steps if step in models
+                            for series, h in models[step].hists.get(fld, {}).items()}
+                if merged_h:
+                    ensemble.hists[fld] = merged_h
+    return out
+
+
+def parse_metrics(engine: str, text: str, default_model: str | None = None) -> Mapped:
+    return map_samples(engine, parse(text, _PREFIXES[engine]), default_model or UNKNOWN_MODEL)
 
 
 # --------------------------------------------------------------------------------------------------- scraping
@@ -360,6 +288,10 @@ class _TargetState:
     info_done: bool = False
     known_models: tuple[str, ...] = ()
     last_errors: tuple[str, ...] = ()
+    api_base: str | None = None  # Triton's HTTP API (model configs), once the version probe found it
+    ensembles: dict[str, tuple[str, ...]] = field(default_factory=dict)  # Triton ensemble -> composing models
+    configs_at: dict[str, float] = field(default_factory=dict)  # model -> when its config was last read
+    unbillable: bool = False  # answered with none of the token families (logged once per change)
 
 
 class EngineCollector:
@@ -415,6 +347,8 @@ class EngineCollector:
             if isinstance(data, dict) and data.get("version"):
                 st.version = str(data["version"])[:64]
                 st.info_done = True
+                if target.engine == "triton":
+                    st.api_base = url.removesuffix("/v2")
                 if target.engine == "tgi":
                     if isinstance(data.get("model_id"), str) and data["model_id"]:
                         st.info_model = data["model_id"][:200]
@@ -436,10 +370,14 @@ class EngineCollector:
             elif len(body) > MAX_BODY:
                 reading.error = f"response larger than {MAX_BODY} bytes"
             else:
-                models, errors = parse_metrics(target.engine, body.decode("utf-8", "replace"), default_model)
+                mapped = parse_metrics(target.engine, body.decode("utf-8", "replace"), default_model)
                 reading.up = True
-                reading.models = models
-                self._log_problems(target, st, errors)
+                reading.models = mapped.models
+                reading.dialect, reading.token_families = mapped.dialect, mapped.token_families
+                reading.process_start = mapped.process_start
+                if target.engine == "triton":
+                    reading.models = fold_ensembles(mapped.models, self._ensembles(target, st, mapped.models))
+                self._log_problems(target, st, mapped.errors)
         except (OSError, ValueError) as exc:  # URLError, timeouts, connection refused, bad URL
             reading.error = f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # a scrape must never take the daemon down
@@ -448,6 +386,7 @@ class EngineCollector:
         if reading.error:
             self._log_problems(target, st, (f"scrape failed: {reading.error}",))
         if reading.up:
+            self._log_billable(target, st, reading)
             if not reading.models:
                 reading.models = {default_model: ModelReading()}
             for m in reading.models.values():
@@ -457,6 +396,49 @@ class EngineCollector:
         else:
             reading.models = {name: ModelReading() for name in (st.known_models or (default_model,))}
         return reading
+
+    def _ensembles(self, target: Target, st: _TargetState, models: dict[str, ModelReading]) -> dict:
+        """Triton's ensembles among the scraped models, from each model's config (GET /v2/models/<m>/config, read
+        once and again every 10 minutes)."""
+        if st.api_base is None:
+            if models and not st.configs_at:
+                log.warning("%s: Triton's HTTP API did not answer, so its ensembles are unknown: a request through "
+                            "an ensemble counts once per composing model until it does", target.url)
+                st.configs_at = {name: time.monotonic() for name in models}
+            return st.ensembles
+        now = time.monotonic()
+        for name in models:
+            if now - st.configs_at.get(name, -math.inf) < VERSION_RETRY_S:
+                continue
+            st.configs_at[name] = now
+            try:
+                status, body = self._get(f"{st.api_base}/v2/models/{quote(name, safe='')}/config", self.timeout_s)
+                config = json.loads(body) if status == 200 else None
+            except (OSError, ValueError) as exc:
+                log.debug("model config of %s at %s: %s", name, st.api_base, exc)
+                continue
+            if not isinstance(config, dict):
+                continue
+            steps = (config.get("ensemble_scheduling") or {}).get("step") or []
+            if config.get("platform") == "ensemble" and isinstance(steps, list):
+                st.ensembles[name] = tuple(str(step.get("model_name")) for step in steps if isinstance(step, dict))
+                log.info("%s: %s is an ensemble of %s; counted once, as itself", target.url, name,
+                         ", ".join(st.ensembles[name]))
+            else:
+                st.ensembles.pop(name, None)
+        return st.ensembles
+
+    @staticmethod
+    def _log_billable(target: Target, st: _TargetState, reading: EndpointReading) -> None:
+        unbillable = not reading.token_families
+        if unbillable and not st.unbillable:
+            log.warning("%s (%s): answers but exposes none of the token families the agent knows (%s); its tokens "
+                        "cannot be billed", target.url, target.engine,
+                        ", ".join(sorted({n for d in DIALECTS[target.engine] for n in d.spec.token_samples()})))
+        elif not unbillable and st.unbillable:
+            log.info("%s (%s): token families found again (%s)", target.url, target.engine,
+                     ", ".join(reading.token_families))
+        st.unbillable = unbillable
 
     @staticmethod
     def _log_problems(target: Target, st: _TargetState, errors: Iterable[str]) -> None:

@@ -421,9 +421,10 @@ class NvmlCollector:
                 profile = match.group(1)
             else:
                 attrs = self._call(gpu, "mig_attributes", nv.nvmlDeviceGetAttributes, mh)
-                if attrs is None:
+                whole = self._call(gpu, "memory", nv.nvmlDeviceGetMemoryInfo, gpu.handle)
+                if attrs is None or whole is None or not whole.total:
                     continue
-                profile = f"{attrs.gpuInstanceSliceCount}g.{round(attrs.memorySizeMB / 1024)}gb"
+                profile = mig_profile_name(int(attrs.gpuInstanceSliceCount), int(attrs.memorySizeMB), int(whole.total))
             uuid = self._call(gpu, "mig_uuid", nv.nvmlDeviceGetUUID, mh)
             rec = {"uuid": _text(uuid)[:80] if uuid is not None else None, "gi_id": int(gi), "profile": profile,
                    "memory_total_mib": None, "memory_used_mib": None}
@@ -434,6 +435,16 @@ class NvmlCollector:
             if len(out) >= 7:
                 break
         return [out[k] for k in sorted(out)]
+
+
+def mig_profile_name(slices: int, memory_mb: int, device_memory_bytes: int) -> str:
+    """NVIDIA's name of a MIG GPU-instance profile (`3g.71gb`), built as NVIDIA's own tools build it when the
+    device name lacks it (go-nvlib, getMigMemorySizeGB): the instance's share of the device's memory rounded up to
+    eighths, times the device's memory in whole GiB rounded up, rounded half away from zero. In integers, so a
+    share of exactly k/8 stays k/8 (Python's round() would take 70.5 to 70: H200's 3g.71gb is not 3g.70gb)."""
+    eighths = -(-(memory_mb * MIB * 8) // device_memory_bytes)
+    device_gb = -(-device_memory_bytes // (1024 * MIB))
+    return f"{slices}g.{(eighths * device_gb * 2 + 8) // 16}gb"
 
 
 def _pct(value: float | None) -> float | None:

@@ -1,7 +1,10 @@
 """Sender thread: posts spooled batches oldest first; deletes only after a 2xx.
 
-5xx, 429 and network errors are retried with capped exponential backoff and full jitter (Retry-After honoured);
-any other 4xx moves the batch to the quarantine table (never retried) so one bad batch cannot block the queue.
+Only the answers that say *this batch* can never be stored move it to the quarantine table: 409 (its seq holds
+other content), 413 (too large) and 422 (invalid). Everything else is about the path or the credential, not the
+batch, and is retried with capped exponential backoff and full jitter (Retry-After honoured): network errors, 5xx,
+429, 408, and 401/403/404 (a credential rotated on the portal, a proxy misconfigured: the credential file is read
+again on every try). `tokenmill-agent requeue` sends quarantined batches again, under their own seq.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from agents.spool import Spool
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_MAX_S = 600.0
+QUARANTINE = frozenset({409, 413, 422})
+CREDENTIAL_REJECTED = frozenset({401, 403})
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -92,6 +97,19 @@ class Sender(threading.Thread):
         log.warning("send: %s", message)
         spool.set_meta(last_error=message[:500], last_error_at=time.time())
 
+    def _retry(self, spool: Spool, seq: int, status: int, detail: str, headers) -> float:
+        wait = self._backoff()
+        retry_after = parse_retry_after(headers.get("Retry-After") if headers else None)
+        if retry_after is not None:
+            wait = min(RETRY_AFTER_MAX_S, retry_after)
+        if status in CREDENTIAL_REJECTED:
+            if not spool.meta("credential_rejected_since"):
+                spool.set_meta(credential_rejected_since=time.time())
+            log.error("seq %d: the portal rejects this node's credential (HTTP %d: %s); kept, retry in %.1fs "
+                      "(re-enroll if it was revoked)", seq, status, detail[:200], wait)
+        self._error(spool, f"seq {seq}: HTTP {status}, retry in {wait:.1f}s")
+        return wait
+
     def step(self, spool: Spool) -> float | None:
         """Try to send the oldest batch. Returns seconds to wait before the next try (None: queue empty)."""
         item = spool.oldest()
@@ -114,15 +132,10 @@ class Sender(threading.Thread):
         except urllib.error.HTTPError as exc:
             status = exc.code
             detail = exc.read(2000).decode("utf-8", "replace") if exc.fp else ""
-            if status == 429 or status >= 500:
-                wait = self._backoff()
-                retry_after = parse_retry_after(exc.headers.get("Retry-After") if exc.headers else None)
-                if retry_after is not None:
-                    wait = min(RETRY_AFTER_MAX_S, retry_after)
-                self._error(spool, f"seq {seq}: HTTP {status}, retry in {wait:.1f}s")
-                return wait
+            if status not in QUARANTINE:
+                return self._retry(spool, seq, status, detail, exc.headers)
             reason = f"HTTP {status}: {detail[:500]}"
-            log.error("seq %d rejected (%s); quarantined, not retried", seq, reason)
+            log.error("seq %d rejected (%s); quarantined (tokenmill-agent requeue sends it again)", seq, reason)
             spool.quarantine(seq, status, reason)
             spool.set_meta(last_error=f"seq {seq} quarantined: {reason}"[:500], last_error_at=time.time())
             self._failures = 0
@@ -135,7 +148,7 @@ class Sender(threading.Thread):
             wait = self._backoff()
             self._error(spool, f"seq {seq}: unexpected HTTP {status}, retry in {wait:.1f}s")
             return wait
-        spool.delete(seq, last_send=time.time(), last_send_seq=seq)
+        spool.delete(seq, last_send=time.time(), last_send_seq=seq, credential_rejected_since="")
         self._failures = 0
         try:
             reply = json.loads(payload) if payload else {}

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from agents.config import SimulateConfig, Target
+from agents.engine_specs import DIALECTS
 from agents.engines import EndpointReading, Hist, ModelReading
 
 MIB = 1024 * 1024
@@ -359,10 +360,12 @@ class SimEngines:
                                         ("e2e", E2E_LE, ttft_med + itl_med * GEN_TOKENS_PER_REQUEST, 0.5)):
             counts, total = _lognormal_hist(le, reqs, median, sigma)
             new[name] = [[a + b for a, b in zip(prev[name][0], counts, strict=True)], prev[name][1] + total]
+        billable = target.url not in self.sim.unbillable
+        tokens = {"prompt_tokens": {"sim_prompt": float(new["p"])},
+                  "generation_tokens": {"sim_gen": float(new["g"])}} if billable else {}
         m = ModelReading(
-            counters={"prompt_tokens": {"sim_prompt": float(new["p"])},
-                      "generation_tokens": {"sim_gen": float(new["g"])},
-                      "requests_ok": {"sim_ok": float(new["ok"])}, "requests_failed": {"sim_fail": float(new["fail"])}},
+            counters={**tokens, "requests_ok": {"sim_ok": float(new["ok"])},
+                      "requests_failed": {"sim_fail": float(new["fail"])}},
             hists={name: {f"sim_{name}": Hist(le=le, counts=[float(c) for c in new[name][0]], sum=new[name][1])}
                    for name, le in (("ttft", TTFT_LE), ("itl", ITL_LE), ("e2e", E2E_LE))},
             gauges={"running": float(round(reqs / max(dt, 1.0) * (ttft_med + itl_med * GEN_TOKENS_PER_REQUEST))),
@@ -372,5 +375,6 @@ class SimEngines:
         )
         reading = EndpointReading(endpoint=target.url, engine=target.engine, up=True,
                                   latency_ms=round(1.5 + rng.random() * 2.5, 3), version=VERSIONS[target.engine],
-                                  models={model: m})
+                                  models={model: m},
+                                  token_families=DIALECTS[target.engine][0].spec.token_samples() if billable else ())
         return reading, {key: new, f"sim|t|{key}": now}

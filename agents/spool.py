@@ -20,7 +20,7 @@ CREATE TABLE IF NOT EXISTS batches (
 );
 CREATE TABLE IF NOT EXISTS quarantine (
     seq INTEGER PRIMARY KEY, created REAL NOT NULL, quarantined REAL NOT NULL, status INTEGER, reason TEXT,
-    body BLOB NOT NULL
+    body BLOB NOT NULL, tokens INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS state (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 """
@@ -33,6 +33,11 @@ def encode(batch: dict[str, Any]) -> bytes:
 
 def decode(body: bytes) -> dict[str, Any]:
     return json.loads(gzip.decompress(body))
+
+
+def batch_tokens(batch: dict[str, Any]) -> int:
+    """Input + output tokens a batch carries: what a quarantined batch keeps from the invoice."""
+    return sum(int(e.get("prompt_tokens", 0)) + int(e.get("generation_tokens", 0)) for e in batch.get("engines", []))
 
 
 class Spool:
@@ -50,6 +55,9 @@ class Spool:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute(f"PRAGMA synchronous={'NORMAL' if synchronous == 'NORMAL' else 'FULL'}")
             self.db.executescript(SCHEMA)
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(quarantine)")}
+            if "tokens" not in columns:  # a spool written by an agent before 0.2
+                self.db.execute("ALTER TABLE quarantine ADD COLUMN tokens INTEGER NOT NULL DEFAULT 0")
         self.db.execute("PRAGMA busy_timeout=30000")
 
     def close(self) -> None:
@@ -89,16 +97,20 @@ class Spool:
         return int(self.meta("next_seq", "1") or 1)
 
     # ---------------------------------------------------------------- batches
-    def append(self, batch: dict[str, Any], state_updates: dict[str, Any] | None = None) -> int:
-        """Assign seq, store the batch and the state its deltas came from, enforce the size bound: one transaction."""
+    def append(self, batch: dict[str, Any], state_updates: dict[str, Any] | None = None,
+               meta: dict[str, Any] | None = None) -> int:
+        """Assign seq, store the batch and the state its deltas came from, enforce the size bound: one transaction.
+        The batch reports the drops not yet reported and what the quarantine holds."""
         with self._tx():
             seq = int(self.meta("next_seq", "1") or 1)
             unreported = int(self.meta("dropped_unreported", "0") or 0)
-            batch = dict(batch, seq=seq, dropped_batches=unreported)
+            held, tokens = self.db.execute("SELECT COUNT(*), COALESCE(SUM(tokens), 0) FROM quarantine").fetchone()
+            batch = dict(batch, seq=seq, dropped_batches=unreported, quarantined_batches=int(held),
+                         quarantined_tokens=int(tokens))
             body = encode(batch)
             self.db.execute("INSERT INTO batches (seq, created, size, dropped, body) VALUES (?, ?, ?, ?, ?)",
                             (seq, time.time(), len(body), unreported, body))
-            self._set_meta(next_seq=seq + 1, dropped_unreported=0)
+            self._set_meta(next_seq=seq + 1, dropped_unreported=0, **(meta or {}))
             if state_updates:
                 self.db.executemany("INSERT OR REPLACE INTO state (k, v) VALUES (?, ?)",
                                     [(k, json.dumps(v, separators=(",", ":"))) for k, v in state_updates.items()])
@@ -142,14 +154,32 @@ class Spool:
             if row is None:
                 return
             self.db.execute(
-                "INSERT OR REPLACE INTO quarantine (seq, created, quarantined, status, reason, body) "
-                "VALUES (?, ?, ?, ?, ?, ?)", (seq, row[0], time.time(), status, reason[:2000], row[1]))
+                "INSERT OR REPLACE INTO quarantine (seq, created, quarantined, status, reason, body, tokens) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (seq, row[0], time.time(), status, reason[:2000], row[1], batch_tokens(decode(bytes(row[1])))))
             self.db.execute("DELETE FROM batches WHERE seq=?", (seq,))
+
+    def requeue(self, seqs: list[int] | None = None) -> list[int]:
+        """Move quarantined batches (all, or these seqs) back to the queue under their own seq, so the portal
+        stores each once whenever it takes them. Returns the seqs moved."""
+        with self._tx():
+            if seqs is None:
+                rows = self.db.execute("SELECT seq, created, body FROM quarantine ORDER BY seq").fetchall()
+            else:
+                marks = ", ".join("?" * len(seqs))
+                rows = self.db.execute(f"SELECT seq, created, body FROM quarantine WHERE seq IN ({marks}) "  # noqa: S608
+                                       "ORDER BY seq", list(seqs)).fetchall()
+            for seq, created, body in rows:
+                self.db.execute("INSERT OR REPLACE INTO batches (seq, created, size, dropped, body) "
+                                "VALUES (?, ?, ?, 0, ?)", (seq, created, len(body), body))
+                self.db.execute("DELETE FROM quarantine WHERE seq=?", (seq,))
+        return [int(row[0]) for row in rows]
 
     def stats(self) -> dict[str, Any]:
         depth, size, oldest = self.db.execute(
             "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created) FROM batches").fetchone()
-        quarantined = self.db.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0]
+        quarantined, held_tokens = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(tokens), 0) FROM quarantine").fetchone()
         meta = dict(self.db.execute("SELECT k, v FROM meta").fetchall())
         now = time.time()
         last_send = float(meta["last_send"]) if meta.get("last_send") else None
@@ -158,6 +188,10 @@ class Spool:
             "spool_bytes": int(size),
             "spool_oldest_age_s": round(now - oldest, 1) if oldest is not None else None,
             "quarantined": int(quarantined),
+            "quarantined_tokens": int(held_tokens),
+            "credential_rejected_since": float(meta["credential_rejected_since"])
+            if meta.get("credential_rejected_since") else None,
+            "unbillable_endpoints": json.loads(meta.get("unbillable") or "[]"),
             "dropped_total": int(meta.get("dropped_total", 0)),
             "dropped_unreported": int(meta.get("dropped_unreported", 0)),
             "next_seq": int(meta.get("next_seq", 1)),

@@ -188,8 +188,9 @@ class MetricsServer:
     """Serves Prometheus text produced by ``render()`` (called per scrape) plus an engine info endpoint."""
 
     def __init__(self, render: Callable[[], str], info: dict | None = None, info_path: str = "/version",
-                 delay_s: float = 0.0, status: int = 200):
+                 delay_s: float = 0.0, status: int = 200, pages: dict[str, dict] | None = None):
         self.render, self.info, self.info_path = render, info, info_path
+        self.pages = dict(pages or {})  # more JSON answers by path (e.g. Triton's model configs)
         self.delay_s, self.status = delay_s, status
         self.scrapes = 0
         srv = self
@@ -205,6 +206,8 @@ class MetricsServer:
                     return self.reply(200, srv.render().encode(), "text/plain; version=0.0.4")
                 if self.path == srv.info_path and srv.info is not None:
                     return self.reply(200, json.dumps(srv.info).encode())
+                if self.path in srv.pages:
+                    return self.reply(200, json.dumps(srv.pages[self.path]).encode())
                 return self.reply(404, b"{}")
 
         self.server = LoopServer(Handler).start()

@@ -37,6 +37,7 @@ class FakeGpu:
         self.unsupported = set(kw.get("unsupported", ()))
         self.lost = False
         self.mig = kw.get("mig", [])  # list of (gi, profile, mem_mib)
+        self.mig_names = kw.get("mig_names", True)  # False: MIG device names without the profile (older drivers)
         self.calls = 0
 
 
@@ -156,7 +157,11 @@ class FakeNvml:
         if i >= len(g.mig):
             raise err(pynvml.NVMLError_NotFound)
         gi, profile, mem = g.mig[i]
-        return SimpleNamespace(gi=gi, name=f"{g.name} MIG {profile}", mem=mem, uuid=f"MIG-{g.index}-{gi}-{i}")
+        name = f"{g.name} MIG {profile}" if g.mig_names else g.name
+        return SimpleNamespace(gi=gi, name=name, mem=mem, uuid=f"MIG-{g.index}-{gi}-{i}", slices=int(profile[0]))
+
+    def nvmlDeviceGetAttributes(self, h):
+        return SimpleNamespace(gpuInstanceSliceCount=h.slices, memorySizeMB=h.mem)
 
     def nvmlDeviceGetGpuInstanceId(self, h):
         return h.gi

@@ -78,10 +78,18 @@ def test_histogram_deltas_sum_to_true_increase(seq):
     assert abs(got_sum - true_sum) <= 1e-6 * max(1.0, true_sum)
 
 
-def test_histogram_reset_when_any_bucket_goes_down():
+def test_a_histogram_applies_the_reset_rule_per_series():
     prev = [list(LE), [5, 8, 9, 10], 4.0]
-    counts, s, reset = hist_delta(prev, Hist(LE, [6, 7, 9, 11], 5.0))  # count up, one bucket down
-    assert reset and counts == [6, 7, 9, 11] and s == 5.0
+    # One bucket down while the count rises: that bucket alone is reset (its new value), the count's own rule
+    # gives one request, and the lower buckets are lowered to stay cumulative: not a reset of all 11.
+    counts, s, reset = hist_delta(prev, Hist(LE, [6, 7, 9, 11], 5.0))
+    assert reset and counts == [0, 0, 0, 1] and s == 1.0
+    # The sum is a series too: one that went down was reset.
+    counts, s, reset = hist_delta(prev, Hist(LE, [6, 9, 10, 12], 1.5))
+    assert reset and counts == [1, 1, 1, 2] and s == 1.5
+    # Everything down (a restart): every series' new value.
+    counts, s, reset = hist_delta(prev, Hist(LE, [1, 1, 2, 3], 0.5))
+    assert reset and counts == [1, 1, 2, 3] and s == 0.5
     counts, s, reset = hist_delta(prev, Hist((0.1, 0.5, 2.0), [6, 9, 10, 11], 5.0))  # bounds changed
     assert reset
     counts, s, reset = hist_delta(prev, Hist(LE, [6, 9, 10, 12], 6.5))

@@ -21,6 +21,7 @@ from agents.daemon import Agent
 from agents.spool import decode
 
 V05 = fixture_text("vllm_metrics_v0.5_datadog_opt125m.txt")
+T0 = 1_800_000_000.0  # intervals after the capture's process start (2024-06-11), as on a real clock
 PROMPT_LINE = 'vllm:prompt_tokens_total{model_name="facebook/opt-125m"} 5.0'
 GEN_LINE = 'vllm:generation_tokens_total{model_name="facebook/opt-125m"} 7.0'
 TTFT_INF = 'vllm:time_to_first_token_seconds_bucket{le="+Inf",model_name="facebook/opt-125m"} 1.0'
@@ -64,7 +65,7 @@ def test_exact_token_deltas_with_resets_end_to_end(tmp_path):
         got = []
         for k in range(len(script)):
             agent.sample()
-            batch, upd, sim = agent.build_batch(1000.0 + 10 * k, 1010.0 + 10 * k)
+            batch, upd, sim = agent.build_batch(T0 + 10 * k, T0 + 10 + 10 * k)
             validate(batch)
             agent.commit(upd, sim)
             (e,) = batch["engines"]
@@ -91,7 +92,7 @@ def test_malformed_engine_output_never_crashes(tmp_path, case, caplog):
     try:
         agent = agent_for(tmp_path, [cfgmod.Target(url, "vllm", "fallback-model")], scrape_timeout_s=0.3)
         for k in range(2):
-            batch, upd, sim = agent.build_batch(1000.0 + 10 * k, 1010.0 + 10 * k)
+            batch, upd, sim = agent.build_batch(T0 + 10 * k, T0 + 10 + 10 * k)
             validate(batch)
             agent.commit(upd, sim)
         (e,) = batch["engines"]
@@ -193,6 +194,43 @@ def test_daemon_survives_portal_outage_and_sigkill_without_loss_or_duplication(t
     assert any(b["gpus"] for b in batches) and all(len(b["gpus"]) == 8 for b in batches if b["gpus"])
 
 
+def test_a_credential_rejected_for_a_while_loses_no_batch_and_no_token(tmp_path, portal):
+    # The portal answers 401 for several intervals (the credential was rotated there, the node's file is stale),
+    # then the node gets the new one: every batch of the window arrives, none is quarantined.
+    eng = CountingVllm([(1000 + 37 * i, 500 + 11 * i, 1 + i) for i in range(100000)])
+    srv = MetricsServer(eng.render, info={"version": "0.5.0"})
+    log = tmp_path / "agent.log"
+    config = write_config(tmp_path, portal.url, [srv.url])
+    state = tmp_path / "state"
+    (state / "credential").write_text("tmn_rotated_away\n")
+    proc = start_agent(config, log)
+    try:
+        assert wait_for(lambda: sum(p[2] == 401 for p in portal.posts) >= 5, 20), log.read_text()
+        time.sleep(2.5)  # several intervals spooled behind the rejected one
+        status = subprocess.run([PYTHON, "-m", "agents.cli", "status", "--config", str(config)], cwd=REPO,
+                                env=agent_env(), capture_output=True, text=True, check=True).stdout
+        assert "REJECTED by the portal since" in status and "quarantined:      0 batch(es)" in status
+        (state / "credential").write_text(FakePortal.CREDENTIAL + "\n")
+        assert wait_for(lambda: len(portal.stored_order) >= 6 and not spool_rows(state), 20), log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        srv.stop()
+    leftover = spool_rows(state)
+    seqs = portal.stored_order + sorted(leftover)
+    assert seqs == list(range(1, len(seqs) + 1))
+    db = sqlite3.connect(f"file:{state / 'spool.sqlite3'}?mode=ro", uri=True)
+    assert db.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0] == 0
+    last = {k: json.loads(v) for k, v in db.execute("SELECT k, v FROM state WHERE k LIKE 'c|%'")}
+    db.close()
+    batches = list(portal.batches.values()) + list(leftover.values())
+    prompt = sum(e["prompt_tokens"] for b in batches for e in b["engines"])
+    assert prompt == last[f"c|{srv.url}|facebook/opt-125m|vllm:prompt_tokens_total|"] - eng.served[0][0] > 0
+    assert all(b["quarantined_batches"] == 0 for b in batches)
+
+
 def test_enroll_status_and_once_commands(tmp_path, portal):
     portal.config = {"config_version": 5, "interval_s": 15, "sample_s": 1.0,
                      "targets": [{"url": "http://127.0.0.1:1/metrics", "engine": "vllm", "model": "m"}]}
@@ -213,7 +251,10 @@ def test_enroll_status_and_once_commands(tmp_path, portal):
     assert r.returncode == 2 and "403" in r.stderr  # one-time token
     r = subprocess.run([PYTHON, "-m", "agents.cli", "status", "--config", str(config)], cwd=REPO, env=env,
                        capture_output=True, text=True, check=True)
-    assert "credential:       present" in r.stdout and "quarantined:      0" in r.stdout
+    assert "credential:       present" in r.stdout and "quarantined:      0 batch(es), 0 tokens" in r.stdout
+    r = subprocess.run([PYTHON, "-m", "agents.cli", "requeue", "--config", str(config), "--all"], cwd=REPO, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == "no spool: nothing is quarantined\n"
 
 
 NO_DJANGO = """

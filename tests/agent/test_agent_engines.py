@@ -11,6 +11,11 @@ from agentkit import fixture_text
 from agents.engines import parse_metrics
 
 
+def models_and_errors(engine: str, text: str, default_model: str | None = None):
+    mapped = parse_metrics(engine, text, default_model)
+    return mapped.models, mapped.errors
+
+
 def one(models, name):
     assert name in models, sorted(models)
     return models[name]
@@ -21,7 +26,7 @@ def total(m, fld):
 
 
 def test_vllm_v05_datadog():
-    models, errors = parse_metrics("vllm", fixture_text("vllm_metrics_v0.5_datadog_opt125m.txt"))
+    models, errors = models_and_errors("vllm", fixture_text("vllm_metrics_v0.5_datadog_opt125m.txt"))
     assert errors == []
     m = one(models, "facebook/opt-125m")
     assert total(m, "prompt_tokens") == 5.0
@@ -44,7 +49,8 @@ def test_vllm_v05_datadog():
 
 
 def test_vllm_v07_truncated_mid_histogram_keeps_complete_families():
-    models, _errors = parse_metrics("vllm", fixture_text("vllm_metrics_v0.7_qwen25coder15b_aibrix_docs_truncated.txt"))
+    text = fixture_text("vllm_metrics_v0.7_qwen25coder15b_aibrix_docs_truncated.txt")
+    models, _errors = models_and_errors("vllm", text)
     m = one(models, "Qwen/Qwen2.5-Coder-1.5B-Instruct")
     assert total(m, "prompt_tokens") == 148.0
     assert total(m, "generation_tokens") == 955.0
@@ -57,7 +63,7 @@ def test_vllm_v07_truncated_mid_histogram_keeps_complete_families():
 def test_truncated_histogram_we_map_is_rejected_with_an_error():
     text = fixture_text("vllm_metrics_v0.5_datadog_opt125m.txt")
     cut = text.index('vllm:time_to_first_token_seconds_bucket{le="0.5"')
-    models, errors = parse_metrics("vllm", text[:cut])
+    models, errors = models_and_errors("vllm", text[:cut])
     m = one(models, "facebook/opt-125m")
     assert "ttft" not in m.hists
     assert any("no +Inf bucket" in e for e in errors)
@@ -66,7 +72,7 @@ def test_truncated_histogram_we_map_is_rejected_with_an_error():
 
 def test_vllm_v1_2026_full_scrape():
     text = fixture_text("vllm_metrics_v1_2026-03_qwen25_05b_kops_cncf_ai_conformance.txt")
-    models, errors = parse_metrics("vllm", text)
+    models, errors = models_and_errors("vllm", text)
     assert errors == []
     m = one(models, "Qwen/Qwen2.5-0.5B-Instruct")
     assert set(m.counters["requests_ok"]) == {
@@ -89,7 +95,7 @@ def test_vllm_v1_2026_full_scrape():
 
 
 def test_vllm_docs_example_with_literal_ellipsis(caplog):
-    models, errors = parse_metrics("vllm", fixture_text("vllm_metrics_docs_usage_metrics_md_example.txt"))
+    models, errors = models_and_errors("vllm", fixture_text("vllm_metrics_docs_usage_metrics_md_example.txt"))
     assert models == {}  # its only family (iteration_tokens_total) is not one we map; nothing invented
     assert any("'...'" in e for e in errors)
 
@@ -97,7 +103,7 @@ def test_vllm_docs_example_with_literal_ellipsis(caplog):
 def test_vllm_ellipsis_in_middle_costs_only_its_block():
     text = fixture_text("vllm_metrics_v0.5_datadog_opt125m.txt").replace(
         "# TYPE vllm:generation_tokens_total counter\n", "# TYPE vllm:generation_tokens_total counter\n...\n")
-    models, errors = parse_metrics("vllm", text)
+    models, errors = models_and_errors("vllm", text)
     m = one(models, "facebook/opt-125m")
     assert total(m, "prompt_tokens") == 5.0
     assert "generation_tokens" not in m.counters
@@ -109,13 +115,13 @@ def test_vllm_ellipsis_in_middle_costs_only_its_block():
     "excerpts/vllm_metrics_v0.2_aioprometheus_pr1890_excerpt.txt",
 ])
 def test_vllm_excerpts_without_samples(name):
-    models, errors = parse_metrics("vllm", fixture_text(name), "my-model")
+    models, errors = models_and_errors("vllm", fixture_text(name), "my-model")
     assert errors == []
     assert models == {}
 
 
 def test_vllm_nim_cache_config_info_excerpt():
-    models, _errors = parse_metrics(
+    models, _errors = models_and_errors(
         "vllm", fixture_text("excerpts/vllm_metrics_2026_nim_qwen3vl_cache_config_info_grep_excerpt.txt"))
     m = one(models, "qwen3-vl-235b-awq")
     assert m.gauges == {"kv_cache_usage": 0.0}
@@ -125,7 +131,7 @@ def test_vllm_nim_cache_config_info_excerpt():
 
 
 def test_sglang_docs_2024():
-    models, errors = parse_metrics("sglang", fixture_text("sglang_metrics_docs_2024_llama31_8b.txt"))
+    models, errors = models_and_errors("sglang", fixture_text("sglang_metrics_docs_2024_llama31_8b.txt"))
     assert errors == []
     m = one(models, "meta-llama/Llama-3.1-8B-Instruct")
     assert total(m, "prompt_tokens") == 8128902.0
@@ -143,21 +149,22 @@ def test_sglang_docs_2024():
 
 
 def test_sglang_pr1853_name_label():
-    models, _ = parse_metrics("sglang", fixture_text("excerpts/sglang_metrics_2024-11_llama32_3b_pr1853_excerpt.txt"))
+    text = fixture_text("excerpts/sglang_metrics_2024-11_llama32_3b_pr1853_excerpt.txt")
+    models, _ = models_and_errors("sglang", text)
     (name,) = models
     assert name.startswith("/shared/public/elr-models/meta-llama/Llama-3.2-3B/")
     assert total(models[name], "prompt_tokens") == 230794.0
 
 
 def test_sglang_underscore_reexport():
-    models, errors = parse_metrics(
+    models, errors = models_and_errors(
         "sglang", fixture_text("excerpts/sglang_metrics_via_smg_grpc_sidecar_pr813_excerpt.txt"), "fallback")
     assert errors == []
     assert models == {}  # none of the four families is a token/request/latency family we map
 
 
 def test_triton_densenet_datadog():
-    models, errors = parse_metrics("triton", fixture_text("triton_metrics_datadog_densenet_trimmed.txt"))
+    models, errors = models_and_errors("triton", fixture_text("triton_metrics_datadog_densenet_trimmed.txt"))
     assert errors == []
     assert len(models) == 8
     d = one(models, "densenet_onnx")
@@ -168,31 +175,31 @@ def test_triton_densenet_datadog():
 
 
 def test_triton_trtllm_backend_inflight():
-    models, _errors = parse_metrics("triton", fixture_text("triton_trtllm_backend_metrics_readme_inflight.txt"))
+    models, _errors = models_and_errors("triton", fixture_text("triton_trtllm_backend_metrics_readme_inflight.txt"))
     m = one(models, "tensorrt_llm")
     assert m.gauges == {"running": 0.0, "waiting": 1.0, "kv_cache_usage": 0.4875}
     assert m.counters == {}  # per-iteration token gauges are never billed as counters
 
 
 def test_triton_trtllm_v1_and_summary_give_no_invented_numbers():
-    models, errors = parse_metrics("triton", fixture_text("triton_trtllm_backend_metrics_readme_v1.txt"))
+    models, errors = models_and_errors("triton", fixture_text("triton_trtllm_backend_metrics_readme_v1.txt"))
     assert models == {} and errors == []
-    models, errors = parse_metrics("triton", fixture_text("triton_summary_docs_example.txt"))
+    models, errors = models_and_errors("triton", fixture_text("triton_summary_docs_example.txt"))
     assert models == {} and errors == []
 
 
 def test_triton_float_values_and_no_samples():
-    models, _ = parse_metrics("triton", fixture_text("excerpts/triton_2021_float_values_server_pr3569_excerpt.txt"))
+    models, _ = models_and_errors("triton", fixture_text("excerpts/triton_2021_float_values_server_pr3569_excerpt.txt"))
     assert total(models["simple_identity"], "requests_ok") == 40.0
     assert total(models["simple"], "requests_ok") == 20.0
     assert total(models["simple_string"], "requests_failed") == 0.0
-    models, errors = parse_metrics(
+    models, errors = models_and_errors(
         "triton", fixture_text("excerpts/triton_20.03_help_type_no_samples_server_issue2755_excerpt.txt"))
     assert models == {} and errors == []
 
 
 def test_trtllm_serve_pytrtllm_prefix():
-    models, _ = parse_metrics(
+    models, _ = models_and_errors(
         "triton", fixture_text("excerpts/trtllm_serve_pytrtllm_deepseekv3_TensorRT-LLM_pr5560_excerpt.txt"))
     m = one(models, "deepseek-ai/DeepSeek-V3-0324")
     assert total(m, "prompt_tokens") == 201121.0
@@ -202,7 +209,7 @@ def test_trtllm_serve_pytrtllm_prefix():
 
 
 def test_tgis_style_excerpt():
-    models, _errors = parse_metrics(
+    models, _errors = models_and_errors(
         "tgi", fixture_text("excerpts/tgis_style_metrics_from_vllm_tgis_adapter_ibm_vllm_pr18_excerpt.txt"), "ibm/m")
     m = one(models, "ibm/m")  # TGI has no model label: the target's model
     assert m.gauges == {"running": 0.0, "waiting": 0.0}
@@ -234,7 +241,7 @@ tgi_request_duration_count 12
 tgi_batch_current_size 3
 tgi_queue_size 5
 """
-    models, errors = parse_metrics("tgi", text, "bigscience/bloom")
+    models, errors = models_and_errors("tgi", text, "bigscience/bloom")
     assert errors == []
     m = models["bigscience/bloom"]
     assert total(m, "requests_ok") == 12 and total(m, "requests_failed") == 3
@@ -252,7 +259,7 @@ nv_inference_first_response_histogram_ms_bucket{model="llm",version="1",le="+Inf
 nv_inference_first_response_histogram_ms_sum{model="llm",version="1"} 1500
 nv_inference_first_response_histogram_ms_count{model="llm",version="1"} 6
 """
-    models, _ = parse_metrics("triton", text)
+    models, _ = models_and_errors("triton", text)
     (h,) = models["llm"].hists["ttft"].values()
     assert h.le == (0.1, 0.5) and h.counts == [2, 5, 6] and h.sum == pytest.approx(1.5)
 
@@ -263,7 +270,7 @@ nv_inference_first_response_histogram_ms_count{model="llm",version="1"} 6
     ('vllm:prompt_tokens_total{model_name="m" 5\nvllm:generation_tokens_total{model_name="m"} 4\n', "unparseable"),
 ])
 def test_malformed_values_are_skipped(text, expect):
-    models, errors = parse_metrics("vllm", text)
+    models, errors = models_and_errors("vllm", text)
     assert any(expect in e for e in errors), errors
     assert "prompt_tokens" not in models.get("m", type("X", (), {"counters": {}})()).counters
     if expect != "unparseable":
@@ -275,7 +282,7 @@ def test_unknown_metric_names_and_garbage_never_crash():
                  "vllm:time_to_first_token_seconds_bucket{le=\"1\",model_name=\"m\"} 5\n"
                  "vllm:time_to_first_token_seconds_bucket{le=\"+Inf\",model_name=\"m\"} 3\n"
                  "vllm:time_to_first_token_seconds_sum{model_name=\"m\"} 1\n"):
-        models, _errors = parse_metrics("vllm", text)
+        models, _errors = models_and_errors("vllm", text)
         for m in models.values():
             assert "ttft" not in m.hists  # non-cumulative buckets rejected
     assert math.isfinite(0.0)

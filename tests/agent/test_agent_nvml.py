@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 from agentkit import validate
-from fakenvml import FakeGpu, FakeNvml
+from fakenvml import MIB, FakeGpu, FakeNvml
 
-from agents.nvml import NvmlCollector, decode_throttle
+from agents.nvml import NvmlCollector, decode_throttle, mig_profile_name
 
 
 def batch_of(gpus, events):
@@ -104,6 +105,30 @@ def test_mig_instances_deduplicated_by_gpu_instance():
     assert s["mig_mode"] is True
     assert [(m["gi_id"], m["profile"], m["memory_total_mib"]) for m in s["mig_instances"]] == [
         (2, "3g.40gb", 40448), (3, "2g.20gb", 20096), (9, "1g.10gb", 9984), (10, "1g.10gb+me", 9984)]
+    validate(batch_of(gpus, []))
+
+
+# Memory of each MIG instance and of the whole GPU as nvidia-smi -q printed them on real H200 and H100 nodes
+# (tests/fixtures/nvidia_smi_q_text_{h200,h100}_mig_590_idle.txt: "Shared FB Memory Usage" and "FB Memory
+# Usage" totals); the names NVIDIA gives those profiles (its MIG user guide and mig-parted's default config).
+H200_TOTAL_MIB, H100_TOTAL_MIB = 143771, 81559
+
+
+@pytest.mark.parametrize(("total_mib", "instances"), [
+    (H200_TOTAL_MIB, [(1, "3g.71gb", 71424), (2, "4g.71gb", 71424), (3, "2g.35gb", 33280), (4, "1g.35gb", 33280),
+                      (5, "1g.18gb", 16384), (6, "7g.141gb", 143771)]),
+    (H100_TOTAL_MIB, [(1, "3g.40gb", 40448), (2, "2g.20gb", 20096), (3, "1g.10gb", 9984), (4, "1g.20gb", 20096)]),
+])
+def test_mig_profile_names_rebuilt_from_memory_are_nvidias_names(total_mib, instances):
+    # A device name without the profile (older drivers): the agent rebuilds it from the instance's memory, as
+    # NVIDIA's tools do. Rounding 70.5 to even once gave H200's 3g.71gb as 3g.70gb.
+    for gi, profile, memory in instances:
+        assert mig_profile_name(int(profile[0]), memory, total_mib * MIB) == profile, (gi, profile)
+    g = FakeGpu(0, name="NVIDIA H200", mem_total=total_mib * MIB, mig=instances[:4], mig_names=False)
+    c = NvmlCollector(FakeNvml([g]))
+    c.start(1000.0)
+    gpus, _ = run_interval(c)
+    assert [m["profile"] for m in gpus[0]["mig_instances"]] == [p for _gi, p, _m in instances[:4]]
     validate(batch_of(gpus, []))
 
 

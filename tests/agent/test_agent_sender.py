@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from agentkit import FakePortal, validate, wait_for
 
 from agents.sender import Sender, parse_retry_after
@@ -81,13 +82,52 @@ def test_422_goes_to_quarantine_and_is_not_retried(tmp_path, portal):
     assert row == (2, 422)
 
 
-def test_401_quarantines_too(tmp_path, portal):
+@pytest.mark.parametrize("status", [401, 403, 404, 408, 400, 500, 502])
+def test_what_is_not_about_the_batch_is_retried_never_quarantined(tmp_path, portal, status):
+    # A credential rotated on the portal or a misconfigured proxy says nothing about the batch: keep it.
     spool = Spool(tmp_path / "spool.sqlite3")
     s = sender_for(tmp_path, portal)
-    (tmp_path / "credential").write_text("wrong")
     spool.append(make_batch(0))
+    portal.fail_status, portal.fail_times = status, 3
+    waits = [s.step(spool) for _ in range(3)]
+    assert all(0 < w <= 0.2 for w in waits)
+    st = spool.stats()
+    assert st["quarantined"] == 0 and st["spool_depth"] == 1
+    assert (st["credential_rejected_since"] is not None) == (status in (401, 403))
     drain(s, spool)
-    assert spool.stats()["quarantined"] == 1
+    assert portal.stored_order == [1] and spool.stats()["credential_rejected_since"] is None
+
+
+def test_a_rotated_credential_is_read_again_on_every_try(tmp_path, portal):
+    spool = Spool(tmp_path / "spool.sqlite3")
+    s = sender_for(tmp_path, portal)
+    (tmp_path / "credential").write_text("an-old-credential")
+    spool.append(make_batch(0))
+    assert 0 < s.step(spool) <= 0.2 and spool.stats()["credential_rejected_since"] is not None
+    (tmp_path / "credential").write_text(FakePortal.CREDENTIAL)  # re-enrolled
+    drain(s, spool)
+    assert portal.stored_order == [1] and spool.stats()["quarantined"] == 0
+
+
+def test_quarantined_batches_are_reported_and_can_be_sent_again_under_their_seq(tmp_path, portal):
+    spool = Spool(tmp_path / "spool.sqlite3")
+    s = sender_for(tmp_path, portal)
+    batch = make_batch(0)
+    batch["engines"] = [{"endpoint": "http://127.0.0.1:8000/metrics", "engine": "vllm", "model": "m", "up": True,
+                         "prompt_tokens": 700, "generation_tokens": 300}]
+    spool.append(batch)
+    portal.reject[1] = 422
+    drain(s, spool)
+    st = spool.stats()
+    assert (st["quarantined"], st["quarantined_tokens"]) == (1, 1000)
+    spool.append(make_batch(1))  # every later batch says what the quarantine holds
+    drain(s, spool)
+    assert (portal.batches[2]["quarantined_batches"], portal.batches[2]["quarantined_tokens"]) == (1, 1000)
+    del portal.reject[1]  # the cause fixed on the portal
+    assert spool.requeue([1]) == [1]
+    drain(s, spool)
+    assert portal.stored_order == [2, 1] and portal.batches[1]["engines"][0]["prompt_tokens"] == 700
+    assert spool.stats()["quarantined"] == 0 and spool.requeue() == []
 
 
 def test_429_with_retry_after_is_retried_after_waiting(tmp_path, portal):
