@@ -199,6 +199,7 @@ CELERY_BEAT_SCHEDULE = {
     "telemetry-retention": {"task": "portal.telemetry.tasks.apply_retention", "schedule": crontab(minute=17)},
     "fleet-offline-detection": {"task": "portal.fleet.tasks.detect_offline_nodes", "schedule": 15.0},
     "capacity-quotas": {"task": "portal.capacity.tasks.check_quotas", "schedule": 60.0},
+    "capacity-billable": {"task": "portal.capacity.tasks.check_billable_deployments", "schedule": 60.0},
     "alerts-requeue-deliveries": {"task": "portal.alerts.tasks.requeue_stale_deliveries", "schedule": 300.0},
     # After the hour rollup (*/10) has folded in the hour that just ended.
     "sla-evaluate": {"task": "portal.sla.tasks.evaluate_slas", "schedule": crontab(minute=20)},

@@ -251,14 +251,14 @@ class TestPriceBooks:
                                      "input_per_mtok": "0.1", "output_per_mtok": "0.2"})
         assert response.status_code == 400
         assert "never in the past" in response.context["price_form"].errors["effective_from"][0]
-        response = client.post(url, {"model_name": LLAMA_8B, "effective_from": "2999-01-01",
+        response = client.post(url, {"model_name": LLAMA_8B, "effective_from": "2099-01-01",
                                      "input_per_mtok": "-1", "output_per_mtok": "x"})
         assert response.status_code == 400
         assert set(response.context["price_form"].errors) == {"input_per_mtok", "output_per_mtok"}
-        response = client.post(url, {"model_name": LLAMA_8B, "effective_from": "2999-01-01",
+        response = client.post(url, {"model_name": LLAMA_8B, "effective_from": "2099-01-01",
                                      "input_per_mtok": "0.1", "output_per_mtok": "0.2"})
         assert response.status_code == 302
-        assert book.prices.filter(effective_from=date(2999, 1, 1)).count() == 1
+        assert book.prices.filter(effective_from=date(2099, 1, 1)).count() == 1
         plan = Plan.objects.create(name="Enterprise EU")
         assert client.post("/billing/prices/books/new/", {"plan": plan.pk, "currency": "eu"}).status_code == 400
         assert client.post("/billing/prices/books/new/", {"plan": plan.pk, "currency": "EUR"}).status_code == 302
@@ -267,7 +267,7 @@ class TestPriceBooks:
     def test_viewers_and_tenants_cannot_change_prices(self, client):
         tenant, _ = served_tenant()
         book = tenant.plan.price_book
-        data = {"model_name": LLAMA_8B, "effective_from": "2999-01-01", "input_per_mtok": "1", "output_per_mtok": "1"}
+        data = {"model_name": LLAMA_8B, "effective_from": "2099-01-01", "input_per_mtok": "1", "output_per_mtok": "1"}
         for user in (ViewerFactory(), MembershipFactory(tenant=tenant).user):
             client.login(username=user.username, password=PASSWORD)
             assert client.post(f"/billing/prices/books/{book.pk}/prices/new/", data).status_code == 403

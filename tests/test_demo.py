@@ -5,6 +5,9 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from agents import config as cfgmod
+from agents.simulate import SimEngines
+from portal.alerts.models import Alert
 from portal.capacity.models import Allocation, Deployment
 from portal.capacity.selectors import usage_for_tenant
 from portal.demo.seed import DEMO_PASSWORD, seed_demo
@@ -36,6 +39,19 @@ def test_it_seeds_a_realistic_factory(demo):
     config = (tmp_path / "agents" / "iad1-h100-03" / "agent.toml").read_text()
     assert 'driver_version = "550.127.05"' in config and "[[targets]]" in config
     assert (tmp_path / "agents" / "iad1-h100-03" / "credential").stat().st_mode & 0o777 == 0o600
+
+
+def test_the_demo_has_an_unbillable_pilot_its_simulated_agent_keeps_unbillable(demo):
+    _summary, tmp_path = demo
+    pilot = Deployment.objects.get(name__contains="pilot")
+    alert = Alert.objects.get(kind="unbillable_endpoint", resolved_at__isnull=True)
+    assert pilot.name in alert.title and pilot.tenant.slug == "initech"
+    config = cfgmod.load(tmp_path / "agents" / pilot.node.hostname / "agent.toml", env={})
+    assert config.simulate.unbillable == (pilot.metrics_url,)
+    readings, _ = SimEngines(config.targets, config.simulate, config.hostname, {}).collect(timezone.now().timestamp())
+    (pilot_reading,) = [r for r in readings if r.endpoint == pilot.metrics_url]
+    assert pilot_reading.up and pilot_reading.token_families == ()
+    assert all(r.token_families for r in readings if r.endpoint != pilot.metrics_url)
 
 
 def test_every_operator_page_shows_the_demo(demo, client):

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from portal.telemetry.models import IngestedBatch
-from portal.telemetry.services import batches_store
+from portal.telemetry.store import batches_store
 from tests.factories import batch_payload, engine_payload, gpu_payload, gpu_uuid, node_with_credential
 from tests.test_ingest import INGEST
 from tests.worker import gunicorn_server

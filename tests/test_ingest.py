@@ -17,7 +17,7 @@ from portal.fleet.models import EnrollmentToken, Gpu, HealthEvent, MigInstance, 
 from portal.fleet.services import enrollment_token_create
 from portal.telemetry.models import GpuMinute, GpuSample, IngestedBatch, UsageSample
 from portal.telemetry.rollups import rollup_minutes
-from portal.telemetry.services import batches_store
+from portal.telemetry.store import batches_store
 from tests.conftest import is_postgres
 from tests.factories import (
     SiteFactory,

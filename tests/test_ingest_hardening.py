@@ -18,7 +18,8 @@ from portal.fleet.models import Gpu
 from portal.fleet.services import credential_authenticate
 from portal.telemetry.models import GpuSample, IngestedBatch, UsageSample
 from portal.telemetry.schemas import BatchIn
-from portal.telemetry.services import batch_accept, batches_store
+from portal.telemetry.services import batch_accept
+from portal.telemetry.store import batches_store
 from tests.batches import batches, extreme_batch
 from tests.conftest import is_postgres
 from tests.factories import (

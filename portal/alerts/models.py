@@ -20,6 +20,8 @@ ALERT_KINDS = [
     *((kind.value, kind.label) for kind in HealthEventKind
       if kind not in (HealthEventKind.ECC_CORRECTED, HealthEventKind.NODE_ONLINE)),
     ("batches_set_aside", "Batches set aside"),
+    ("agent_quarantine", "Agent quarantine"),
+    ("unbillable_endpoint", "Unbillable deployment"),
     ("sla_breach", "SLA breach"),
     ("quota", "Quota"),
     ("billing", "Billing"),

@@ -52,6 +52,12 @@ def alert_resolve_key(*, key: str, by: User | None = None) -> int:
     return Alert.objects.filter(key=key, resolved_at__isnull=True).update(resolved_at=timezone.now(), resolved_by=by)
 
 
+def alert_resolve_others(*, kind: str, keep: list[str]) -> int:
+    """Resolve every open alert of `kind` but those keyed in `keep` (a check that re-raises what still holds)."""
+    return Alert.objects.filter(kind=kind, resolved_at__isnull=True).exclude(key__in=keep).update(
+        resolved_at=timezone.now())
+
+
 def alert_queue_notifications(*, alert: Alert) -> list[int]:
     """Record a pending delivery for each enabled channel that takes the alert's severity, and queue its task for
     when the surrounding transaction commits (so no worker looks for an alert that was rolled back). Returns the

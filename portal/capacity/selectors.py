@@ -221,3 +221,21 @@ def tenant_usage_last_minute(*, tenant: Tenant, now: datetime | None = None) -> 
     end = now.replace(second=0, microsecond=0) - timedelta(minutes=1)
     return sum(line.tokens for line in usage_for_tenant(tenant=tenant, start=end - timedelta(minutes=1), end=end,
                                                         by_day=False, now=now))
+
+
+@dataclass(frozen=True)
+class Unbillable:
+    since: datetime
+    model: str
+
+
+def deployments_unbillable(*, deployments: list[Deployment]) -> dict[int, Unbillable]:
+    """The deployments whose endpoint answers with none of the token counters its agent knows, by id: their
+    tokens cannot be billed (one query)."""
+    if not deployments:
+        return {}
+    endpoints = ServingEndpoint.objects.filter(unbillable_since__isnull=False,
+                                               node_id__in={d.node_id for d in deployments})
+    found = {(node_id, url): Unbillable(since=since, model=model) for node_id, url, model, since in
+             endpoints.values_list("node_id", "url", "model", "unbillable_since")}
+    return {d.pk: found[(d.node_id, d.metrics_url)] for d in deployments if (d.node_id, d.metrics_url) in found}

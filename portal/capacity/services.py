@@ -5,7 +5,7 @@ from django.utils import timezone
 
 from portal.accounts.models import User
 from portal.alerts.models import Severity
-from portal.alerts.services import alert_raise, alert_resolve_key
+from portal.alerts.services import alert_raise, alert_resolve_key, alert_resolve_others
 from portal.capacity.models import (
     WHOLE_GPU_SLOTS,
     Allocation,
@@ -14,7 +14,7 @@ from portal.capacity.models import (
     Quota,
     RequestStatus,
 )
-from portal.capacity.selectors import tenant_gpus_held, tenant_usage_last_minute
+from portal.capacity.selectors import deployments_unbillable, tenant_gpus_held, tenant_usage_last_minute
 from portal.economics.tasks import reattribute_costs
 from portal.fleet.models import Gpu, MigInstance, Node, ScrapeTarget
 from portal.fleet.services import node_set_scrape_targets
@@ -197,3 +197,31 @@ def quotas_check(*, now: datetime | None = None) -> list[str]:
             else:
                 alert_resolve_key(key=key)
     return over
+
+
+UNBILLABLE_ALERT = "unbillable_endpoint"
+
+
+def deployments_check_billable(*, now: datetime | None = None) -> list[int]:
+    """Alert on every live deployment whose endpoint answers without any token counter the agent knows (its node's
+    agent reports the families it finds): its tenant's tokens would go unbilled with every light green. Resolve
+    the alert once the families are back or the deployment ended. Idempotent; returns the deployments alerted."""
+    now = now or timezone.now()
+    live = list(Deployment.objects.filter(ended_at__isnull=True, active_from__lte=now).select_related("tenant", "node"))
+    unbillable = deployments_unbillable(deployments=live)
+    alerted = []
+    for deployment in live:
+        if deployment.pk not in unbillable:
+            continue
+        since, model = unbillable[deployment.pk].since, unbillable[deployment.pk].model
+        alert_raise(
+            key=f"{UNBILLABLE_ALERT}:{deployment.pk}", kind=UNBILLABLE_ALERT, severity=Severity.CRITICAL, at=now,
+            node_id=deployment.node_id,
+            title=f"{deployment.name} ({deployment.tenant}) exposes no token counters: its tokens are not billed",
+            detail=(f"{deployment.metrics_url} on {deployment.node.hostname} answers, but with none of the token "
+                    f"families the agent reads for {deployment.get_engine_display()} (model {model}), since "
+                    f"{since:%Y-%m-%d %H:%M} UTC. Check the engine's metrics prefix or version (docs/agent.md)."),
+        )
+        alerted.append(deployment.pk)
+    alert_resolve_others(kind=UNBILLABLE_ALERT, keep=[f"{UNBILLABLE_ALERT}:{pk}" for pk in alerted])
+    return alerted

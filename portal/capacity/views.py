@@ -8,7 +8,7 @@ from portal.accounts.access import operator_admin_required, operator_required
 from portal.audit.services import audit_record
 from portal.capacity.forms import AllocationForm, DeclineForm, DeploymentForm
 from portal.capacity.models import Allocation, CapacityRequest, Deployment, RequestStatus
-from portal.capacity.selectors import allocations_at, capacity_overview, placement_propose
+from portal.capacity.selectors import allocations_at, capacity_overview, deployments_unbillable, placement_propose
 from portal.capacity.services import (
     CapacityError,
     allocation_create,
@@ -145,8 +145,10 @@ def deployments(request: HttpRequest) -> HttpResponse:
                              tenant=data["tenant"])
                 messages.success(request, f"Deployment {deployment} created; the node's agent scrapes it next.")
                 return redirect("capacity:deployments")
-    listing = Deployment.objects.select_related("tenant", "node").prefetch_related("allocations")
-    return render(request, "capacity/deployments.html", {"form": form, "deployments": listing},
+    listing = list(Deployment.objects.select_related("tenant", "node").prefetch_related("allocations"))
+    unbillable = deployments_unbillable(deployments=[d for d in listing if d.ended_at is None])
+    rows = [(d, unbillable.get(d.pk)) for d in listing]
+    return render(request, "capacity/deployments.html", {"form": form, "rows": rows},
                   status=400 if form.errors else 200)
 
 

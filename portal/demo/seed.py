@@ -5,6 +5,7 @@ History is synthesised with the same daily load curve, GPU models, UUIDs and MIG
 30 days, minute tiers the last 24 hours; the simulated agents write everything from now on.
 """
 
+import json
 import math
 import random
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from agents.simulate import GPU_MODELS, MIG_LAYOUTS, VERSIONS, daily_shape, gpu_
 from portal.accounts.models import OperatorRole, User
 from portal.alerts.models import Severity
 from portal.alerts.services import alert_acknowledge, alert_raise
-from portal.capacity.services import allocation_create, deployment_create, quota_set
+from portal.capacity.models import Allocation
+from portal.capacity.services import allocation_create, deployment_create, deployments_check_billable, quota_set
 from portal.demo.billing_seed import seed_billing
 from portal.demo.tenants_seed import seed_tenants
 from portal.economics.services import cost_hours_attribute
@@ -153,6 +155,7 @@ def seed_demo(*, now: datetime | None = None, days: int = 30, minute_hours: int 
                 nodes.append(_node(site, hostname, model_key, mig, now))
         endpoints = _endpoints(nodes, tenants, people[0], now, days)
         _history(nodes, endpoints, now, days, minute_hours, rng)
+        _unbillable_pilot(nodes, tenants["initech"], people[0], now)
         _health(nodes, people[0], now, rng)
         for slug, tokens_per_minute, gpus in (("acme", 6_000_000, 48), ("globex", 1_500_000, 40),
                                               ("initech", 2_000_000, 24), ("umbrella", 3_000_000, 24)):
@@ -239,6 +242,25 @@ def _endpoints(nodes: list[Node], tenants: dict[str, Tenant], operator: User,
             )
             out.append((endpoint, gpus_each, tps))
     return out
+
+
+def _unbillable_pilot(nodes: list[Node], tenant: Tenant, operator: User, now: datetime) -> None:
+    """A pilot started three hours ago on a free GPU, served by Dynamo's TensorRT-LLM worker, which (as of January
+    2026) exports requests and latency but no token counter: it answers, and nothing of it can be billed. Its
+    simulated agent reports it so (simulate.unbillable), the endpoint is marked and the deployment alerted."""
+    since = now - timedelta(hours=3)
+    held = {a.gpu_id for a in Allocation.objects.filter(ends_at__isnull=True)}
+    gpu = Gpu.objects.filter(node__in=nodes, mig_mode=False).exclude(pk__in=held).order_by("node__hostname",
+                                                                                            "index").first()
+    url, model = "http://127.0.0.1:8600/metrics", "Qwen/Qwen3-0.6B"
+    ServingEndpoint.objects.create(node=gpu.node, url=url, model=model, engine="triton", up=True,
+                                   probe_latency_ms=3.1, version="dynamo 0.8 (trtllm-serve)", token_families=[],
+                                   unbillable_since=since, last_seen=now)
+    allocation = allocation_create(tenant=tenant, gpu=gpu, starts_at=since, by=operator)
+    deployment_create(tenant=tenant, name=f"Qwen3-0.6B pilot on {gpu.node.hostname}", model_name=model,
+                      engine="triton", node=gpu.node, metrics_url=url, allocations=[allocation],
+                      settings={"precision": "fp8", "server": "dynamo"}, active_from=since)
+    deployments_check_billable(now=now)
 
 
 def _health(nodes: list[Node], operator: User, now: datetime, rng: random.Random) -> None:
@@ -334,6 +356,9 @@ def _usage_row(endpoint: ServingEndpoint, ts: datetime, seconds: int, util: floa
 
 def write_agent_configs(nodes: list[Node], credentials: dict[str, str], agents_dir: Path, portal_url: str) -> None:
     """One simulated agent per node: its TOML config and credential (0600) under agents_dir/<hostname>/."""
+    unbillable: dict[int, list[str]] = {}
+    for node_id, url in ServingEndpoint.objects.filter(unbillable_since__isnull=False).values_list("node_id", "url"):
+        unbillable.setdefault(node_id, []).append(url)
     for node in nodes:
         state = agents_dir / node.hostname
         state.mkdir(parents=True, exist_ok=True)
@@ -356,6 +381,7 @@ def write_agent_configs(nodes: list[Node], credentials: dict[str, str], agents_d
             f"seed = {SIM_SEED}\n"
             "load = 0.78\n"
             f'driver_version = "{node.driver_version}"\n'
+            f"unbillable = {json.dumps(unbillable.get(node.pk, []))}\n"
             + "".join(
                 f'\n[[targets]]\nurl = "{t.url}"\nengine = "{t.engine}"\nmodel = "{t.model}"\n'
                 for t in ScrapeTarget.objects.filter(node=node).order_by("url")

@@ -55,6 +55,10 @@ class Node(models.Model):
     nvml_version = models.CharField(max_length=32, blank=True)
     agent_version = models.CharField(max_length=32, blank=True)
     simulated = models.BooleanField(default=False)
+    # The agent's quarantine, as its newest batch reported it: batches the portal refused for good, and the tokens
+    # they hold (not billed until `tokenmill-agent requeue` sends them again).
+    quarantined_batches = models.PositiveIntegerField(default=0)
+    quarantined_tokens = models.PositiveBigIntegerField(default=0)
     # Desired agent configuration; config_version rises whenever it or the node's scrape targets change.
     interval_s = models.PositiveIntegerField(default=10, validators=[MinValueValidator(1)])
     sample_s = models.FloatField(default=1.0)
@@ -174,6 +178,10 @@ class ServingEndpoint(models.Model):
     waiting = models.FloatField(null=True, blank=True)
     kv_cache_usage = models.FloatField(null=True, blank=True)
     last_seen = models.DateTimeField(null=True, blank=True)
+    token_families = models.JSONField(null=True, blank=True,
+                                      help_text="Token counters the agent found (null: an agent too old to say)")
+    unbillable_since = models.DateTimeField(
+        null=True, blank=True, help_text="Answering without any token counter since: its tokens cannot be billed")
 
     class Meta:
         ordering = ["node_id", "url", "model"]

@@ -32,7 +32,7 @@ from portal.fleet.selectors import (
 from portal.fleet.services import enrollment_token_create
 from portal.params import query_params
 from portal.telemetry.selectors import RANGES, node_series
-from portal.telemetry.services import batches_requeue_set_aside
+from portal.telemetry.store import batches_requeue_set_aside
 from portal.tenants.models import Tenant, TenantStatus
 
 

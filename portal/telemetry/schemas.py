@@ -177,6 +177,10 @@ class EngineIn(_Strict):
     ttft: HistogramIn | None = None
     itl: HistogramIn | None = None
     e2e: HistogramIn | None = None
+    token_families: Annotated[list[Text(128)], Field(max_length=16)] | None = Field(
+        default=None, description="The token counters the agent found on the endpoint (e.g. vllm:prompt_tokens_total). "
+        "Empty while the endpoint answers: it exposes no tokens the agent can read, so none can be billed. "
+        "Absent from older agents.")
     settings: Annotated[dict[Text(64), Text(128)], Field(
         max_length=32, description="Engine settings the engine exposes (e.g. vLLM cache_config_info labels)"
     )] = {}
@@ -220,6 +224,11 @@ class BatchIn(_Strict):
     dropped_batches: Annotated[int, Field(ge=0, le=INT_MAX)] = Field(
         default=0, description="Batches the agent's spool dropped (full) since it last reported"
     )
+    quarantined_batches: Annotated[int, Field(ge=0, le=INT_MAX)] = Field(
+        default=0, description="Batches the portal refused for good (409, 413, 422), held in the agent's quarantine "
+        "until `tokenmill-agent requeue` sends them again")
+    quarantined_tokens: Annotated[int, Field(ge=0, le=BIGINT_MAX)] = Field(
+        default=0, description="Input + output tokens those quarantined batches hold")
 
     @field_validator("schema_version", mode="before")
     @classmethod

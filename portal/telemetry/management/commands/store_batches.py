@@ -7,7 +7,7 @@ import threading
 from django.core.management.base import BaseCommand
 from django.db import InterfaceError, OperationalError, close_old_connections, connection
 
-from portal.telemetry.services import STORE_BATCHES, batches_requeue_set_aside, batches_store
+from portal.telemetry.store import STORE_BATCHES, batches_requeue_set_aside, batches_store
 
 logger = logging.getLogger(__name__)
 
