@@ -526,7 +526,8 @@ def compare_store_vs_copy(fleet: list[NodeSpec], db_url: str, args: argparse.Nam
     from portal.fleet.models import Gpu, NodeCredential, ServingEndpoint
     from portal.telemetry.models import GpuSample, IngestedBatch, UsageSample
     from portal.telemetry.schemas import BatchIn
-    from portal.telemetry.services import batch_accept, batches_store
+    from portal.telemetry.services import batch_accept
+    from portal.telemetry.store import batches_store
 
     nodes = fleet[:min(args.store_batches, len(fleet))]
     ids = [spec.pk for spec in nodes]
