@@ -1,11 +1,12 @@
 import time
 import uuid
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import factory
 
 from portal.accounts.models import OperatorRole, User
-from portal.fleet.models import Node, NodeStatus, Site
+from portal.fleet.models import Gpu, Node, NodeStatus, Site
 from portal.fleet.services import node_credential_issue
 from portal.tenants.models import MemberRole, Membership, Tenant, TenantStatus
 
@@ -66,6 +67,10 @@ class SiteFactory(factory.django.DjangoModelFactory):
     other_opex_gpu_hour = Decimal("0.2500")
 
 
+# Nodes and GPUs of the tests are on the books long before any hour a test measures.
+BOOKS_SINCE = datetime(2020, 1, 1, tzinfo=UTC)
+
+
 class NodeFactory(factory.django.DjangoModelFactory):
     class Meta:
         model = Node
@@ -73,6 +78,18 @@ class NodeFactory(factory.django.DjangoModelFactory):
     site = factory.SubFactory(SiteFactory)
     hostname = factory.Sequence(lambda n: f"gpu-node-{n:02d}")
     status = NodeStatus.ONLINE
+    installed_at = BOOKS_SINCE
+
+
+class GpuFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Gpu
+
+    node = factory.SubFactory(NodeFactory)
+    uuid = factory.LazyFunction(lambda: gpu_uuid())
+    index = factory.Sequence(lambda n: n % 8)
+    name = "NVIDIA H100 80GB HBM3"
+    installed_at = BOOKS_SINCE
 
 
 def node_with_credential(**kwargs) -> tuple[Node, str]:

@@ -77,11 +77,12 @@ class Factory:
 
 def deploy(node: Node, gpu_uuid: str, *, url: str, engine: str, model: str):
     tenant = TenantFactory()
-    gpu = Gpu.objects.get(uuid=gpu_uuid)
-    allocation = allocation_create(tenant=tenant, gpu=gpu, starts_at=timezone.now() - timedelta(hours=1))
+    gpu = Gpu.objects.get(uuid=gpu_uuid)  # on the books from its first reported interval
+    allocation = allocation_create(tenant=tenant, gpu=gpu, starts_at=gpu.installed_at)
+    # Usage is owned by the minute: live from the minute the GPU appeared in.
     deployment = deployment_create(tenant=tenant, name=f"{model}-prod", model_name=model, engine=engine, node=node,
                                    metrics_url=url, allocations=[allocation],
-                                   active_from=timezone.now() - timedelta(hours=1))
+                                   active_from=gpu.installed_at.replace(second=0, microsecond=0))
     return tenant, deployment
 
 

@@ -14,11 +14,12 @@ from portal.alerts.models import Alert, AlertDelivery, NotificationChannel
 from portal.alerts.services import alert_deliver, alert_raise
 from portal.alerts.tasks import MAX_RETRIES, deliver_alert
 from portal.celery import app as celery_app
-from portal.fleet.models import Gpu, NodeStatus
+from portal.fleet.models import NodeStatus
 from portal.fleet.services import node_mark_status
 from tests.conftest import bad_parameters
 from tests.factories import (
     PASSWORD,
+    GpuFactory,
     MembershipFactory,
     NodeFactory,
     OperatorFactory,
@@ -62,7 +63,7 @@ def listed(response) -> list[int]:
 class TestAlertList:
     def test_it_shows_an_xid_alert_with_its_meaning_node_gpu_and_occurrences(self, admin_client):
         node = NodeFactory(hostname="iad1-h100-03")
-        gpu = Gpu.objects.create(node=node, uuid=gpu_uuid(), index=5, name="NVIDIA H100 80GB HBM3")
+        gpu = GpuFactory(node=node, uuid=gpu_uuid(), index=5, name="NVIDIA H100 80GB HBM3")
         raise_alert(key=f"xid:79:{gpu.pk}", node=node, gpu=gpu)
         raise_alert(key=f"xid:79:{gpu.pk}", node=node, gpu=gpu, at=T0 + timedelta(minutes=3))
         html = admin_client.get("/alerts/").content.decode()

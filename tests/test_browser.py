@@ -3,8 +3,7 @@
 import pytest
 from playwright.sync_api import Page, expect
 
-from portal.fleet.models import Gpu
-from tests.factories import PASSWORD, MembershipFactory, NodeFactory, OperatorFactory, gpu_uuid
+from tests.factories import PASSWORD, GpuFactory, MembershipFactory, NodeFactory, OperatorFactory, gpu_uuid
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -19,7 +18,7 @@ def login(page: Page, live_server, username: str) -> None:
 def test_it_logs_an_operator_in_to_the_fleet_and_out(page: Page, live_server, artifacts_dir):
     OperatorFactory(username="olivia")
     node = NodeFactory(hostname="iad1-h100-01")
-    Gpu.objects.create(node=node, uuid=gpu_uuid(), index=0, name="NVIDIA H100 80GB HBM3", current_util=42.0)
+    GpuFactory(node=node, uuid=gpu_uuid(), index=0, name="NVIDIA H100 80GB HBM3", current_util=42.0)
     login(page, live_server, "olivia")
     expect(page).to_have_url(f"{live_server.url}/fleet/")
     expect(page.get_by_role("heading", name="Fleet")).to_be_visible()

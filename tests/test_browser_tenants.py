@@ -10,10 +10,10 @@ from django.utils import timezone
 from playwright.sync_api import Browser, Page, expect
 
 from portal.capacity.services import allocation_create, deployment_create
-from portal.fleet.models import Gpu, ServingEndpoint
+from portal.fleet.models import ServingEndpoint
 from portal.telemetry.models import UsageMinute
 from portal.tenants.models import Plan, Tenant, TenantStatus
-from tests.factories import PASSWORD, MembershipFactory, NodeFactory, OperatorFactory, gpu_uuid
+from tests.factories import PASSWORD, GpuFactory, MembershipFactory, NodeFactory, OperatorFactory, gpu_uuid
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -35,7 +35,7 @@ def test_it_takes_a_tenant_from_signup_to_usage(page: Page, browser: Browser, li
     OperatorFactory(username="olivia")
     Plan.objects.create(name="Growth", tokens_per_minute=3_000_000, gpus=24, description="Production traffic")
     node = NodeFactory(hostname="iad1-h100-07")
-    gpu = Gpu.objects.create(node=node, uuid=gpu_uuid(), index=0, name=H100)
+    gpu = GpuFactory(node=node, uuid=gpu_uuid(), index=0, name=H100)
 
     # Sign up.
     page.goto(f"{live_server.url}/signup/")

@@ -19,15 +19,15 @@ from portal.capacity.services import (
     quota_set,
     quotas_check,
 )
-from portal.fleet.models import Gpu, MigInstance, ScrapeTarget, ServingEndpoint
+from portal.fleet.models import MigInstance, ScrapeTarget, ServingEndpoint
 from portal.telemetry.models import UsageHour, UsageMinute
-from tests.factories import PASSWORD, NodeFactory, OperatorFactory, TenantFactory, ViewerFactory, gpu_uuid
+from tests.factories import PASSWORD, GpuFactory, NodeFactory, OperatorFactory, TenantFactory, ViewerFactory, gpu_uuid
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 
 
 def make_gpus(node, n=8, mig_index=None):
-    gpus = [Gpu.objects.create(node=node, uuid=gpu_uuid(), index=i, name="NVIDIA H100 80GB HBM3",
+    gpus = [GpuFactory(node=node, uuid=gpu_uuid(), index=i, name="NVIDIA H100 80GB HBM3",
                                mig_mode=i == mig_index) for i in range(n)]
     migs = []
     if mig_index is not None:

@@ -20,6 +20,7 @@ from portal.telemetry.rollups import rollup_minutes
 from portal.telemetry.store import batches_store
 from tests.conftest import is_postgres
 from tests.factories import (
+    GpuFactory,
     SiteFactory,
     TenantFactory,
     batch_payload,
@@ -265,7 +266,7 @@ class TestIngest:
         # The allocation holds the row (PROTECT): a UUID learnt later updates it in place, and a reconfiguration
         # under an allocation keeps it rather than failing the batch.
         node, cred = node_with_credential()
-        gpu = Gpu.objects.create(node=node, uuid=self.uuids[0], index=0, name="H100", mig_mode=True)
+        gpu = GpuFactory(node=node, uuid=self.uuids[0], index=0, name="H100", mig_mode=True)
         held = MigInstance.objects.create(gpu=gpu, gi_id=1, profile="3g.40gb")
         free = MigInstance.objects.create(gpu=gpu, gi_id=2, profile="4g.40gb")
         allocation_create(tenant=TenantFactory(), gpu=gpu, mig_instance=held,

@@ -19,7 +19,7 @@ from django.utils import timezone
 from agents import config as agent_config
 from portal.capacity.models import Allocation
 from portal.capacity.services import allocation_create
-from portal.fleet.models import Gpu, NodeCredential, NodeStatus
+from portal.fleet.models import NodeCredential, NodeStatus
 from portal.provisioning import crypto, services, wheels
 from portal.provisioning.models import JobKind, JobStatus, KnownHost, ProvisioningJob, SshCredential, StepStatus
 from portal.provisioning.parsing import (
@@ -34,6 +34,7 @@ from portal.provisioning.parsing import (
 from tests import FIXTURES
 from tests.factories import (
     PASSWORD,
+    GpuFactory,
     OperatorFactory,
     SiteFactory,
     TenantFactory,
@@ -305,7 +306,7 @@ def test_it_refuses_viewers_the_admin_pages_and_actions(client, credential):
 
 def test_it_decommissions_a_hand_enrolled_node_in_the_portal_only(client, admin, django_capture_on_commit_callbacks):
     node, _credential = node_with_credential(hostname="hand-made")
-    gpu = Gpu.objects.create(node=node, uuid=gpu_uuid(), index=0, name="NVIDIA H100 80GB HBM3")
+    gpu = GpuFactory(node=node, uuid=gpu_uuid(), index=0, name="NVIDIA H100 80GB HBM3")
     allocation = allocation_create(tenant=TenantFactory(), gpu=gpu, starts_at=timezone.now() - timedelta(days=1),
                                    by=admin)
     overview = client.get(f"/provisioning/nodes/{node.pk}/").content.decode()

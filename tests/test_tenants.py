@@ -14,13 +14,14 @@ from portal.audit.models import AuditEntry
 from portal.capacity.models import CapacityRequest, Quota
 from portal.capacity.services import allocation_create, deployment_create, quota_set
 from portal.demo.tenants_seed import seed_tenants
-from portal.fleet.models import Gpu, MigInstance, ServingEndpoint
+from portal.fleet.models import MigInstance, ServingEndpoint
 from portal.telemetry.models import UsageHour, UsageMinute
 from portal.tenants.models import ApiKey, Invitation, MemberRole, Membership, Plan, Tenant, TenantStatus
 from portal.tenants.selectors import tenant_overview
 from portal.tenants.services import api_key_authenticate, api_key_create
 from portal.tenants.tokens import verification_token
 from tests.factories import (
+    GpuFactory,
     MembershipFactory,
     NodeFactory,
     OperatorFactory,
@@ -66,7 +67,7 @@ def deployment_with_endpoint(tenant: Tenant, *, model: str = "meta-llama/Llama-3
     """A deployment on its own node and GPU, and the ServingEndpoint the agent reports for its metrics_url."""
     active_from = active_from or datetime(2026, 1, 1, tzinfo=UTC)
     node = NodeFactory()
-    gpu = Gpu.objects.create(node=node, uuid=gpu_uuid(), index=0, name=H100)
+    gpu = GpuFactory(node=node, uuid=gpu_uuid(), index=0, name=H100)
     allocation = allocation_create(tenant=tenant, gpu=gpu, starts_at=active_from)
     deployment = deployment_create(tenant=tenant, name=name, model_name=model, engine="vllm", node=node,
                                    metrics_url=url, allocations=[allocation], active_from=active_from)
@@ -608,7 +609,7 @@ class TestPortal:
         assert [ln.tokens for ln in detail.context["lines"]] == [2000]
 
     def test_it_submits_a_capacity_request_from_the_fleets_gpu_types(self):
-        gpu = Gpu.objects.create(node=NodeFactory(), uuid=gpu_uuid(), index=0, name=H100, mig_mode=True)
+        gpu = GpuFactory(node=NodeFactory(), uuid=gpu_uuid(), index=0, name=H100, mig_mode=True)
         MigInstance.objects.create(gpu=gpu, gi_id=1, profile="3g.40gb")
         tomorrow = timezone.now().date() + timedelta(days=1)
         data = {"model_name": "meta-llama/Llama-3.1-70B-Instruct", "gpu_type": H100, "count": "2",
@@ -633,7 +634,7 @@ class TestPortal:
         ({"model_name": ""}, "model_name"),
     ])
     def test_it_names_the_field_of_a_bad_capacity_request(self, overrides, field):
-        Gpu.objects.create(node=NodeFactory(), uuid=gpu_uuid(), index=0, name=H100)
+        GpuFactory(node=NodeFactory(), uuid=gpu_uuid(), index=0, name=H100)
         data = {"model_name": "m", "gpu_type": H100, "count": "1", "mig_profile": "",
                 "starts_on": date.today().isoformat(), **overrides}
         response = self.client.post("/tenant/acme/capacity/request/", data)
@@ -642,7 +643,7 @@ class TestPortal:
         assert not CapacityRequest.objects.exists()
 
     def test_it_lets_only_admins_of_active_tenants_request_capacity(self):
-        Gpu.objects.create(node=NodeFactory(), uuid=gpu_uuid(), index=0, name=H100)
+        GpuFactory(node=NodeFactory(), uuid=gpu_uuid(), index=0, name=H100)
         data = {"model_name": "m", "gpu_type": H100, "count": "1", "starts_on": date.today().isoformat()}
         member = MembershipFactory(tenant=self.tenant, role=MemberRole.MEMBER).user
         self.client.force_login(member)

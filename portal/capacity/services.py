@@ -37,6 +37,7 @@ def allocation_create(
         raise CapacityError("the allocation must end after it starts")
     if mig_instance is not None and mig_instance.gpu_id != gpu.pk:
         raise CapacityError("the MIG instance is not on that GPU")
+    _check_on_books(gpu, starts_at, ends_at)
     slots = (mig_instance.gi_id, mig_instance.gi_id + 1) if mig_instance else WHOLE_GPU_SLOTS
     unit = f"MIG {mig_instance.profile} (GI {mig_instance.gi_id})" if mig_instance else "the whole GPU"
     try:
@@ -56,6 +57,19 @@ def allocation_create(
         ) from None
     _reattribute_past(starts_at, ends_at)
     return allocation
+
+
+def _check_on_books(gpu: Gpu, starts_at: datetime, ends_at: datetime | None) -> None:
+    """A unit can only be held while it is on the books: not before its (or its node's) installation, not after
+    its retirement."""
+    installed = max(gpu.installed_at, gpu.node.installed_at)
+    if starts_at < installed:
+        raise CapacityError(f"GPU {gpu.index} on {gpu.node} is on the books from {installed:%Y-%m-%d %H:%M} UTC: "
+                            "an allocation cannot start before it existed")
+    retired = min((t for t in (gpu.retired_at, gpu.node.retired_at) if t is not None), default=None)
+    if retired is not None and (ends_at is None or ends_at > retired):
+        raise CapacityError(f"GPU {gpu.index} on {gpu.node} was retired on {retired:%Y-%m-%d %H:%M} UTC: an "
+                            "allocation must end by then")
 
 
 def _reattribute_past(start: datetime, end: datetime | None) -> None:
@@ -156,6 +170,7 @@ def deployment_create(
         if metrics_url not in {t["url"] for t in targets}:
             node_set_scrape_targets(node=node, targets=[*targets, {"url": metrics_url, "engine": engine,
                                                                    "model": model_name}])
+        _reattribute_past(deployment.active_from, None)  # a backdated deployment owns its past hours too
     return deployment
 
 
@@ -167,6 +182,7 @@ def deployment_end(*, deployment: Deployment, at: datetime | None = None) -> Dep
         deployment.save(update_fields=["ended_at"])
         targets = ScrapeTarget.objects.filter(node=deployment.node).exclude(url=deployment.metrics_url)
         node_set_scrape_targets(node=deployment.node, targets=list(targets.values("url", "engine", "model")))
+        _reattribute_past(at, None)
     return deployment
 
 

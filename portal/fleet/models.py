@@ -3,6 +3,7 @@ from decimal import Decimal
 from django.conf import settings
 from django.core.validators import MinValueValidator
 from django.db import models
+from django.utils import timezone
 
 
 class Site(models.Model):
@@ -46,6 +47,10 @@ class Node(models.Model):
     hostname = models.CharField(max_length=253)
     status = models.CharField(max_length=16, choices=NodeStatus.choices, default=NodeStatus.PENDING)
     created_at = models.DateTimeField(auto_now_add=True)
+    # Inventory: the node is on the books from installed_at until it is decommissioned (retired_at); its GPUs'
+    # hours count only inside both their own period and the node's (fleet.selectors.gpu_presence).
+    installed_at = models.DateTimeField(default=timezone.now)
+    retired_at = models.DateTimeField(null=True, blank=True)
     last_seen = models.DateTimeField(null=True, blank=True, help_text="Written at most once a minute")
     # Host facts, as the agent last reported them (they drive the version-drift view).
     os = models.CharField(max_length=128, blank=True)
@@ -102,6 +107,9 @@ class Gpu(models.Model):
 
     node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="gpus")
     uuid = models.CharField(max_length=72, unique=True)
+    installed_at = models.DateTimeField(default=timezone.now, help_text="Since when it is on the books: its first "
+                                        "reported interval, or when an operator recorded it")
+    retired_at = models.DateTimeField(null=True, blank=True, help_text="When its node was decommissioned")
     index = models.PositiveSmallIntegerField()
     name = models.CharField(max_length=128)
     pci_bus_id = models.CharField(max_length=32, blank=True)

@@ -11,6 +11,36 @@ from portal.fleet.models import EnrollmentToken, Gpu, HealthEvent, MigInstance, 
 from portal.telemetry.selectors import StoreQueue, store_queue
 
 
+@dataclass(frozen=True)
+class GpuOnBooks:
+    """A GPU's period on the books: from the later of its and its node's installation to the earlier of their
+    retirements (None: still installed). The one rule for which GPU-hours exist."""
+
+    gpu_id: int
+    node_id: int
+    site_id: int
+    start: datetime
+    end: datetime | None
+
+
+def gpus_on_books(*, start: datetime, end: datetime, node_id: int | None = None) -> list[GpuOnBooks]:
+    """Every GPU (of the node, if given) on the books at some moment of [start, end)."""
+    gpus = (Gpu.objects.filter(installed_at__lt=end, node__installed_at__lt=end)
+            .filter(Q(retired_at__isnull=True) | Q(retired_at__gt=start))
+            .filter(Q(node__retired_at__isnull=True) | Q(node__retired_at__gt=start)))
+    if node_id is not None:
+        gpus = gpus.filter(node_id=node_id)
+    out = []
+    for pk, node, site, g_in, n_in, g_out, n_out in gpus.order_by("pk").values_list(
+            "pk", "node_id", "node__site_id", "installed_at", "node__installed_at", "retired_at", "node__retired_at"):
+        ends = [t for t in (g_out, n_out) if t is not None]
+        on_books = GpuOnBooks(gpu_id=pk, node_id=node, site_id=site, start=max(g_in, n_in),
+                              end=min(ends) if ends else None)
+        if on_books.end is None or on_books.end > on_books.start:  # (a GPU first seen after its node retired: none)
+            out.append(on_books)
+    return out
+
+
 @dataclass
 class FleetHeadline:
     gpus_total: int

@@ -10,6 +10,7 @@ from portal.alerts.models import Severity
 from portal.alerts.services import alert_raise, alert_resolve_key
 from portal.fleet.models import (
     EnrollmentToken,
+    Gpu,
     HealthEvent,
     HealthEventKind,
     Node,
@@ -69,12 +70,14 @@ def node_enroll(*, token_value: str, host: dict, now: datetime | None = None) ->
             raise EnrollmentError("enrollment token was already used")
         if token.expires_at <= now:
             raise EnrollmentError("enrollment token has expired")
-        node, created = Node.objects.get_or_create(site=token.site, hostname=host["hostname"])
+        node, created = Node.objects.get_or_create(site=token.site, hostname=host["hostname"],
+                                                   defaults={"installed_at": now})
+        if node.status == NodeStatus.DECOMMISSIONED:
+            # Retired for the books: its past cost stays where it was. The machine comes back as a new node.
+            raise EnrollmentError(f"{node.hostname} was decommissioned; enroll the machine under a new hostname")
         _apply_host_facts(node, host)
         if not created:
             NodeCredential.objects.filter(node=node, revoked_at__isnull=True).update(revoked_at=now)
-            if node.status == NodeStatus.DECOMMISSIONED:
-                node.status = NodeStatus.PENDING
         node.save()
         key = issue_key(kind=CREDENTIAL_KIND)
         NodeCredential.objects.create(node=node, prefix=key.prefix, digest=key.digest)
@@ -136,6 +139,8 @@ def node_mark_status(*, node: Node, status: str, at: datetime, reason: str) -> N
     """Record a status change with its event and alert (offline opens one, online resolves it)."""
     Node.objects.filter(pk=node.pk).update(status=status)
     node.status = status
+    if status == NodeStatus.DECOMMISSIONED:
+        node_retire(node=node, at=at)
     NodeStatusChange.objects.create(node=node, status=status, at=at, reason=reason)
     key = f"node_offline:{node.pk}"
     if status == NodeStatus.OFFLINE:
@@ -146,6 +151,14 @@ def node_mark_status(*, node: Node, status: str, at: datetime, reason: str) -> N
         )
     elif status == NodeStatus.ONLINE and alert_resolve_key(key=key):
         HealthEvent.objects.create(node=node, kind=HealthEventKind.NODE_ONLINE, at=at, detail=reason)
+
+
+def node_retire(*, node: Node, at: datetime) -> None:
+    """Take a node and its GPUs off the books from `at`: their rows stay, so the hours they were installed keep
+    their cost whenever a period is re-attributed (economics.attribution counts only hours on the books)."""
+    Node.objects.filter(pk=node.pk, retired_at__isnull=True).update(retired_at=at)
+    Gpu.objects.filter(node=node, retired_at__isnull=True).update(retired_at=at)
+    node.retired_at = node.retired_at or at
 
 
 def nodes_detect_offline(*, now: datetime | None = None) -> list[int]:

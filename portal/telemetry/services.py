@@ -77,7 +77,8 @@ def _claim_gpus(node: Node, batch: BatchIn) -> None:
     its batch is refused naming the GPU (each statement reads what was committed before it began)."""
     Gpu.objects.bulk_create(
         [Gpu(node=node, uuid=g.uuid, index=g.index, name=g.name, pci_bus_id=g.pci_bus_id or "",
-             memory_total_mib=g.memory_total_mib, power_limit_w=g.power_limit_w, mig_mode=bool(g.mig_mode))
+             memory_total_mib=g.memory_total_mib, power_limit_w=g.power_limit_w, mig_mode=bool(g.mig_mode),
+             installed_at=utc(batch.interval_start))  # on the books from its first reported interval
          for g in batch.gpus],
         ignore_conflicts=True,
     )
