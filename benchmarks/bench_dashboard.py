@@ -4,8 +4,9 @@ with 30 days of history in PostgreSQL, beside the raw SQL of the same aggregate,
     .venv/bin/python benchmarks/bench_dashboard.py [--gpus 10000] [--days 30] [--requests 30]
 
 1. Creates a fresh database (tokenmill_bench_dash), migrates it, and seeds GPUS/8 nodes over 4 sites with a tenant
-   deployment per node, GpuHour and UsageHour for DAYS days (COPY), SiteHour for every hour, the minute tier for the
-   last 24 h of the measured node, and cost attribution (CostHour) for the last 7 days.
+   deployment per node, GpuHour and UsageHour for DAYS days (COPY), SiteHour (tokens) for every hour, the minute tier
+   for the last 24 h of the measured node, and cost attribution (CostHour, which the economics page reads) for the
+   last 7 days.
 2. Times each page through Django's test client in this process (server time: view, queries, template; no network),
    REQUESTS times after a warm-up, and the raw SQL of the page's central aggregate the same number of times.
 3. Deletes all history older than 3 days and times the pages again: a page whose time does not grow with history
@@ -60,11 +61,13 @@ def seed(gpus: int, days: int) -> dict:
     sites = [Site.objects.create(name=f"Site {i}", slug=f"site-{i}", gpu_capex=Decimal(30000),
                                  energy_price_kwh=Decimal("0.10")) for i in range(4)]
     tenants = [Tenant.objects.create(name=f"Tenant {i}", slug=f"t{i}", status=TenantStatus.ACTIVE) for i in range(20)]
+    installed = now - timedelta(days=days + 1)
     nodes = Node.objects.bulk_create(Node(site=sites[i % 4], hostname=f"node-{i:05d}", status=NodeStatus.ONLINE,
-                                          last_seen=now) for i in range(gpus // 8))
+                                          last_seen=now, installed_at=installed) for i in range(gpus // 8))
     gpu_rows = Gpu.objects.bulk_create(
         (Gpu(node=n, uuid=f"GPU-{n.pk:08d}-{i:04d}-0000-0000-000000000000", index=i, name="NVIDIA H100 80GB HBM3",
-             current_util=rng.uniform(0, 100), current_power_w=400.0) for n in nodes for i in range(8)),
+             current_util=rng.uniform(0, 100), current_power_w=400.0, installed_at=installed)
+         for n in nodes for i in range(8)),
         batch_size=5000)
     endpoints = ServingEndpoint.objects.bulk_create(
         ServingEndpoint(node=n, url="http://127.0.0.1:8000/metrics", model="llama", engine="vllm", up=True)
@@ -109,7 +112,7 @@ def measure(client, node_id: int, n: int) -> list[tuple[str, float, float, float
 
     from portal.fleet.models import Gpu
 
-    since = (datetime.now(tz=UTC) - timedelta(days=30)).isoformat()
+    since = (datetime.now(tz=UTC) - timedelta(days=7)).isoformat()
     gpu_ids = ", ".join(str(pk) for pk in Gpu.objects.filter(node_id=node_id).values_list("pk", flat=True))
     cases = [
         ("fleet page /fleet/", lambda: client.get("/fleet/"),
@@ -121,9 +124,9 @@ def measure(client, node_id: int, n: int) -> list[tuple[str, float, float, float
         ("node page, 30 d charts", lambda: client.get(f"/fleet/nodes/{node_id}/?range=30d"),
          sql(f"SELECT gpu_id, ts, util_mean FROM telemetry_gpuhour WHERE gpu_id IN ({gpu_ids}) "
              f"AND ts >= now() - interval '30 days' ORDER BY gpu_id, ts")),
-        ("economics chart (site tier, 30 d)", lambda: client.get("/economics/?period=30d"),
-         sql(f"SELECT site_id, date_trunc('day', ts), sum(energy_mj), sum(prompt_tokens + generation_tokens) "
-             f"FROM telemetry_sitehour WHERE ts >= '{since}' GROUP BY 1, 2")),
+        ("economics (attribution tier, 7 d)", lambda: client.get("/economics/?period=7d"),
+         sql(f"SELECT site_id, date_trunc('day', ts), sum(capex + energy + opex), sum(gpu_hours) "
+             f"FROM economics_costhour WHERE ts >= '{since}' GROUP BY 1, 2")),
     ]
     out = []
     for name, page, raw in cases:

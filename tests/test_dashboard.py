@@ -4,14 +4,19 @@ from decimal import Decimal
 
 import pytest
 from django.db import connection
+from django.db.models import Sum
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
-from portal.economics.selectors import hour_cost, site_costs
+from portal.economics.models import CostHour
+from portal.economics.selectors import site_costs
+from portal.economics.services import cost_hours_attribute
 from portal.fleet.models import Gpu, MigInstance
-from portal.telemetry.models import GpuHour, GpuMinute, GpuSample, SiteHour
+from portal.telemetry.models import GpuHour, GpuMinute, GpuSample, RollupWatermark, SiteHour
 from portal.telemetry.rollups import rollup_hours, rollup_minutes
 from tests.factories import (
     PASSWORD,
+    GpuFactory,
     NodeFactory,
     OperatorFactory,
     SiteFactory,
@@ -47,11 +52,16 @@ def test_it_computes_cost_per_million_tokens_from_energy_and_tokens():
     site = SiteFactory(gpu_capex=Decimal("30000"), depreciation_months=48, energy_price_kwh=Decimal("0.12"),
                        pue=Decimal("1.3"), other_opex_gpu_hour=Decimal("0.25"), currency="USD")
     hour = datetime(2026, 11, 20, 10, tzinfo=UTC)
-    # 8 GPUs for one hour at 500 W (14.4 kWh), 50% busy, serving 10 million tokens.
-    SiteHour.objects.create(site=site, ts=hour, gpus_installed=8, gpu_seconds=8 * 3600, util_seconds=8 * 3600 * 50,
-                            energy_mj=14_400 * 3_600_000, prompt_tokens=7_000_000, generation_tokens=3_000_000)
+    # 8 GPUs for one hour at 500 W (14.4 kWh in all), 50% busy, serving 10 million tokens; nobody holds them.
+    node = NodeFactory(site=site)
+    for i in range(8):
+        GpuHour.objects.create(gpu=GpuFactory(node=node, index=i), ts=hour, seconds=3600, util_mean=50.0,
+                               energy_mj=1_800 * 3_600_000)
+    SiteHour.objects.create(site=site, ts=hour, prompt_tokens=7_000_000, generation_tokens=3_000_000)
+    cost_hours_attribute(hours=[hour], now=hour + timedelta(days=1))
     (period,) = site_costs(start=hour, end=hour + timedelta(hours=1))
-    capex = Decimal(8 * 30000) / (48 * Decimal("730.5"))  # 6.8446...
+    places = Decimal("0.00000001")
+    capex = (Decimal(8 * 30000) / (48 * Decimal("730.5"))).quantize(places)  # 6.8446...
     opex = Decimal("2.00")
     energy = Decimal("14.4") * Decimal("1.3") * Decimal("0.12")  # 2.2464
     assert period.cost.capex == capex
@@ -59,14 +69,23 @@ def test_it_computes_cost_per_million_tokens_from_energy_and_tokens():
     assert period.cost.per_million_tokens == ((capex + opex + energy) / 10).quantize(Decimal("0.0001"))
     assert period.cost.per_million_tokens == Decimal("1.1091")
     assert period.cost.utilization == 0.5
-    assert period.cost.idle == (capex + opex) / 2
+    assert period.cost.idle == capex + opex + energy  # no tenant held them: all of it is idle capacity
+    assert period.cost.not_busy == (capex + opex) / 2
     assert period.cost.tokens_per_unit == int(10_000_000 / (capex + opex + energy))
 
 
-def test_it_counts_a_silent_gpu_as_idle_capacity():
+def test_it_counts_a_silent_gpu_as_not_busy():
     site = SiteFactory()
-    cost = hour_cost(site=site, gpus=4, energy_mj=0, util_seconds=2 * 3600 * 100, tokens=0)
-    assert cost.utilization == 0.5 and cost.per_million_tokens is None and cost.tokens_per_unit == 0
+    hour = datetime(2026, 11, 20, 10, tzinfo=UTC)
+    node = NodeFactory(site=site)
+    gpus = [GpuFactory(node=node, index=i) for i in range(4)]
+    for gpu in gpus[:2]:  # two report full load, two report nothing at all
+        GpuHour.objects.create(gpu=gpu, ts=hour, seconds=3600, util_mean=100.0, energy_mj=0)
+    cost_hours_attribute(hours=[hour], now=hour + timedelta(days=1))
+    (period,) = site_costs(start=hour, end=hour + timedelta(hours=1))
+    cost = period.cost
+    assert cost.gpu_hours == 4 and cost.utilization == 0.5
+    assert cost.per_million_tokens is None and cost.tokens_per_unit == 0
 
 
 def test_it_rolls_site_hours_for_the_economics_pages(client):
@@ -82,10 +101,14 @@ def test_it_rolls_site_hours_for_the_economics_pages(client):
     rollup_minutes(now=later)
     rollup_hours(now=later)
     site_hour = SiteHour.objects.get(site=node.site)
-    assert site_hour.gpus_installed == 2 and site_hour.gpu_seconds == 60
-    assert site_hour.energy_mj == 2 * 3 * 5_000_000
-    assert site_hour.util_seconds == 2 * 3 * 10 * 40.0
     assert (site_hour.prompt_tokens, site_hour.generation_tokens, site_hour.requests) == (1800, 1200, 15)
+    # The GPUs are on the books from their first reported interval, the start of the hour: two whole GPU-hours.
+    hour = datetime.fromtimestamp(start, tz=UTC)
+    capacity = CostHour.objects.filter(site=node.site, ts=hour).aggregate(
+        g=Sum("gpu_hours"), b=Sum("busy_gpu_hours"), k=Sum("energy_kwh"))
+    assert capacity["g"] == 2
+    assert capacity["k"] == (Decimal(2 * 3 * 5_000_000) / Decimal(3_600_000_000)).quantize(Decimal("0.00000001"))
+    assert capacity["b"] == (2 * Decimal("0.4") * Decimal(30) / Decimal(3600)).quantize(Decimal("0.00000001"))
 
 
 def _fleet(nodes: int):
@@ -109,7 +132,7 @@ def test_the_fleet_page_query_count_does_not_grow_with_the_fleet(operator_client
     small = _queries(operator_client, "/fleet/")
     _fleet(10)
     assert _queries(operator_client, "/fleet/") == small
-    assert small == 23  # incl. the set-aside batch count
+    assert small == 25  # incl. the set-aside batch count and, per period, the site tokens beside their cost
 
 
 def test_the_node_page_query_count_does_not_grow_with_history(operator_client):
@@ -120,13 +143,15 @@ def test_the_node_page_query_count_does_not_grow_with_history(operator_client):
         gpus = [gpu_payload(uuid=u, index=i) for i, u in enumerate(uuids)]
         post(operator_client, batch_payload(seq=seq, end=now - 30 + 10 * seq, gpus=gpus, engines=[engine_payload()]),
              cred)
+    RollupWatermark.objects.create(name="attribution", stored_until=timezone.now())  # cost attributed up to now
     counts = {key: _queries(operator_client, f"/fleet/nodes/{node.pk}/?range={key}") for key in ("1h", "24h", "30d")}
     GpuHour.objects.bulk_create(GpuHour(gpu_id=g, ts=datetime(2026, 10, 1, tzinfo=UTC) + timedelta(hours=h),
                                         seconds=3600, util_mean=50) for g in Gpu.objects.values_list("pk", flat=True)
                                 for h in range(200))
     assert {key: _queries(operator_client, f"/fleet/nodes/{node.pk}/?range={key}") for key in counts} == counts
-    # session, user, memberships, node, GPUs, MIG, endpoints, holders, GPU series, usage series, events, 2 costs
-    assert set(counts.values()) == {13}
+    # the page's own reads, then the 30-day cost: where attribution has reached, the GPUs on the books, their
+    # hours, allocations, deployments, sites and the node's usage tiers
+    assert set(counts.values()) == {19}  # the 30-day cost is attributed hour by hour, as the books are
 
 
 def test_the_node_charts_read_the_tier_of_their_range(operator_client):
@@ -172,9 +197,12 @@ def test_the_economics_page_shows_each_currency(operator_client):
     usd, eur = SiteFactory(currency="USD"), SiteFactory(currency="EUR")
     hour = (datetime.now(tz=UTC) - timedelta(hours=3)).replace(minute=0, second=0, microsecond=0)
     for site in (usd, eur):
-        SiteHour.objects.create(site=site, ts=hour, gpus_installed=8, gpu_seconds=8 * 3600,
-                                util_seconds=8 * 3600 * 70, energy_mj=10**10, prompt_tokens=10**7,
-                                generation_tokens=10**7)
+        node = NodeFactory(site=site)
+        for i in range(8):
+            GpuHour.objects.create(gpu=GpuFactory(node=node, index=i), ts=hour, seconds=3600, util_mean=70.0,
+                                   energy_mj=10**10 // 8)
+        SiteHour.objects.create(site=site, ts=hour, prompt_tokens=10**7, generation_tokens=10**7)
+    cost_hours_attribute(hours=[hour])
     page = operator_client.get("/economics/?period=7d")
     assert set(page.context["totals"]) == {"EUR", "USD"}
     text = page.content.decode()

@@ -8,13 +8,15 @@ from hypothesis import strategies as st
 
 from portal.capacity.models import Allocation
 from portal.capacity.services import allocation_create, deployment_create
+from portal.economics.attribution import attribute
 from portal.economics.models import CostHour, DeploymentDay, DeploymentHour
 from portal.economics.selectors import attributed_costs, deployment_costs, deployment_ranking, tenant_economics
-from portal.economics.services import cost_hours_attribute, gpu_hour_shares
+from portal.economics.services import cost_hours_attribute
 from portal.economics.whatif import scenario, site_model
-from portal.fleet.models import Gpu, MigInstance, ServingEndpoint
+from portal.fleet.models import MigInstance, ServingEndpoint, Site
+from portal.fleet.selectors import GpuOnBooks
 from portal.telemetry.models import GpuHour, SiteHour, UsageHour
-from tests.factories import PASSWORD, NodeFactory, OperatorFactory, SiteFactory, TenantFactory, gpu_uuid
+from tests.factories import PASSWORD, GpuFactory, NodeFactory, OperatorFactory, SiteFactory, TenantFactory, gpu_uuid
 
 H = datetime(2026, 11, 10, 12, tzinfo=UTC)
 
@@ -30,7 +32,7 @@ class TestAttribution:
         # capex 35064 / (48 x 730.5) = 1.0000 per GPU-hour; opex 0.50; energy 2 kWh x 1.5 x 0.10 = 0.30.
         site = fixed_site()
         node = NodeFactory(site=site)
-        gpu = Gpu.objects.create(node=node, uuid=gpu_uuid(), index=0, name="H100", mig_mode=True)
+        gpu = GpuFactory(node=node, uuid=gpu_uuid(), index=0, name="H100", mig_mode=True)
         big = MigInstance.objects.create(gpu=gpu, gi_id=1, profile="4g.40gb")
         small = MigInstance.objects.create(gpu=gpu, gi_id=2, profile="3g.40gb")
         a, b = TenantFactory(), TenantFactory()
@@ -52,7 +54,7 @@ class TestAttribution:
 
     def test_an_idle_gpu_without_readings_still_costs_its_fixed_part(self):
         site = fixed_site()
-        Gpu.objects.create(node=NodeFactory(site=site), uuid=gpu_uuid(), index=0, name="H100")
+        GpuFactory(node=NodeFactory(site=site), uuid=gpu_uuid(), index=0, name="H100")
         cost_hours_attribute(hours=[H])
         (row,) = CostHour.objects.all()
         assert row.tenant_id is None and row.total == Decimal("1.50") and row.energy == 0
@@ -63,7 +65,7 @@ class TestAttribution:
         site = fixed_site()
         node = NodeFactory(site=site)
         tenant = TenantFactory()
-        gpus = [Gpu.objects.create(node=node, uuid=gpu_uuid(), index=i, name="H100") for i in range(2)]
+        gpus = [GpuFactory(node=node, uuid=gpu_uuid(), index=i, name="H100") for i in range(2)]
         deployments = []
         for i, (gpu, precision) in enumerate(zip(gpus, ("bf16", "fp8"), strict=True)):
             allocation = allocation_create(tenant=tenant, gpu=gpu, starts_at=H - timedelta(days=1))
@@ -93,7 +95,7 @@ class TestAttribution:
         hours = [day0 + timedelta(hours=h) for h in range(72)]
         deployments = []
         for i in range(2):
-            gpu = Gpu.objects.create(node=node, uuid=gpu_uuid(), index=i, name="H100")
+            gpu = GpuFactory(node=node, uuid=gpu_uuid(), index=i, name="H100")
             allocation = allocation_create(tenant=tenant, gpu=gpu, starts_at=day0 + timedelta(hours=5 * i))
             url = f"http://127.0.0.1:{8000 + i}/metrics"
             deployments.append(deployment_create(tenant=tenant, name=f"d{i}", model_name="m", engine="vllm",
@@ -128,7 +130,7 @@ class TestAttribution:
     def test_the_page_shows_tenants_deployments_and_the_idle_line(self, client):
         client.login(username=OperatorFactory().username, password=PASSWORD)
         site = fixed_site()
-        Gpu.objects.create(node=NodeFactory(site=site), uuid=gpu_uuid(), index=0, name="H100")
+        GpuFactory(node=NodeFactory(site=site), uuid=gpu_uuid(), index=0, name="H100")
         hour = (datetime.now(tz=UTC) - timedelta(hours=2)).replace(minute=0, second=0, microsecond=0)
         cost_hours_attribute(hours=[hour])
         text = client.get("/economics/?period=7d").content.decode()
@@ -149,19 +151,27 @@ def test_the_shares_of_a_gpu_hour_always_sum_to_one(windows):
         allocations.append(Allocation(tenant_id=n + 1, gpu_id=1, mig_instance=mig,
                                       starts_at=H + timedelta(seconds=start),
                                       ends_at=H + timedelta(seconds=min(3600, start + length))))
-    shares = gpu_hour_shares(allocations=allocations, hour=H)
+    site = Site(pk=1, currency="USD", gpu_capex=Decimal("35064"), depreciation_months=48,
+                energy_price_kwh=Decimal("0.10"), pue=Decimal("1.5"), other_opex_gpu_hour=Decimal("0.50"))
+    gpu = GpuOnBooks(gpu_id=1, node_id=1, site_id=1, start=H - timedelta(days=1), end=None)
+    result = attribute(hours=[H], now=H + timedelta(hours=2), sites={1: site}, gpus=[gpu], readings={},
+                       allocations={1: allocations}, deployments_of={})
+    shares = {tenant: values["gpu_hours"] for (_site, tenant, _ts), values in result.tenants.items()}
     assert sum(shares.values()) == 1
     assert all(share >= 0 for share in shares.values())
 
 
-def site_with_history(base=H):
+def site_with_history(base=H, batching: float = 0.0):
+    """48 hours of 10 GPUs from 20 % to 80 % utilization: energy 0.1 + 0.6 x utilization kWh per GPU-hour, and
+    1,000,000 tokens per busy GPU-hour (+ `batching` x utilization x 1,000,000 at higher load)."""
     site = fixed_site()
     for h in range(48):
-        util = 0.2 + 0.6 * (h % 24) / 23  # 20% .. 80%
-        SiteHour.objects.create(site=site, ts=base - timedelta(hours=48 - h), gpus_installed=10,
-                                gpu_seconds=36000, util_seconds=util * 36000 * 100,
-                                energy_mj=int((0.1 + 0.6 * util) * 10 * 3_600_000_000),
-                                prompt_tokens=int(util * 10 * 1_000_000), generation_tokens=0)
+        util = Decimal(str(round(0.2 + 0.6 * (h % 24) / 23, 6)))
+        ts = base - timedelta(hours=48 - h)
+        CostHour.objects.create(site=site, tenant=None, ts=ts, gpu_hours=10, busy_gpu_hours=util * 10,
+                                energy_kwh=(Decimal("0.1") + Decimal("0.6") * util) * 10, capex=10, opex=5, energy=0)
+        per_busy = 1_000_000 * (1 + batching * float(util))
+        SiteHour.objects.create(site=site, ts=ts, prompt_tokens=int(float(util) * 10 * per_busy), generation_tokens=0)
     return site
 
 
@@ -172,7 +182,8 @@ class TestWhatIf:
         site = site_with_history()
         model = site_model(site=site, start=H - timedelta(days=3), end=H)
         assert model.kwh_idle == pytest.approx(0.1) and model.kwh_per_util == pytest.approx(0.6)
-        assert model.tokens_per_busy_gpu_hour == pytest.approx(1_000_000, rel=1e-6)
+        assert model.tokens_per_busy_gpu_hour(0.5) == pytest.approx(1_000_000, rel=1e-6)
+        assert model.tokens_per_busy_per_util == pytest.approx(0, abs=1)
         at_70 = scenario(model=model, utilization=0.7, allocation=1.0, price_per_million=Decimal("2.00"))
         # per GPU-hour: fixed 1.50 + (0.1 + 0.6 x 0.7) kWh x 1.5 x 0.10 = 1.578; tokens 700,000
         assert at_70.cost_per_million == Decimal("2.2543")
@@ -181,7 +192,25 @@ class TestWhatIf:
         assert at_70.vs_half < -0.25  # a factory at 70% makes tokens far cheaper than one at 50%
         assert at_70.margin == (Decimal("2.00") - Decimal("2.2543")) / Decimal("2.00")
         capped = scenario(model=model, utilization=0.9, allocation=0.6, price_per_million=Decimal("2.00"))
-        assert capped.utilization == 0.6
+        assert capped.utilization == 0.6 and capped.capped_from == 0.9
+        assert at_70.capped_from is None and not at_70.outside_measured
+        # Without a batching effect in the data, all of the change is the utilization effect.
+        assert at_70.from_half.batching == pytest.approx(0, abs=1e-3)
+        assert at_70.from_half.utilization_alone == pytest.approx(at_70.vs_half, abs=1e-4)
+
+    def test_it_separates_the_batching_effect_and_says_what_a_40_percent_claim_rests_on(self):
+        # Tokens per busy GPU-hour rise by half from 0 to 100 % load: the fleet's own larger batches.
+        site = site_with_history(batching=0.5)
+        model = site_model(site=site, start=H - timedelta(days=3), end=H)
+        assert model.tokens_per_busy_per_util == pytest.approx(500_000, rel=1e-3)
+        e = scenario(model=model, utilization=0.7, allocation=1.0, price_per_million=Decimal("2")).from_half
+        fixed_alone = Decimal("1.50") + (Decimal("0.1") + Decimal("0.42")) * Decimal("0.15")
+        half = Decimal("1.50") + Decimal("0.4") * Decimal("0.15")
+        alone = float((fixed_alone / Decimal("0.7")) / (half / Decimal("0.5")) - 1)
+        assert e.utilization_alone == pytest.approx(alone, abs=1e-3)  # about -23 %: at most 1 - 50/70
+        assert -0.286 < e.utilization_alone < -0.2
+        assert e.batching < -0.05 and e.total == pytest.approx(e.utilization_alone + e.batching)
+        assert e.supports(0.40) is False and e.supports(0.25) is True
 
     def test_the_page_answers_the_sliders_with_a_partial(self, client):
         client.login(username=OperatorFactory().username, password=PASSWORD)
@@ -208,7 +237,7 @@ def test_the_pnl_sets_revenue_from_price_books_against_attributed_cost(client):
     book = PriceBook.objects.create(plan=plan, currency="USD")
     ModelPrice.objects.create(book=book, model_name="m", effective_from=H.date() - timedelta(days=1),
                               input_per_mtok=Decimal("0.10"), output_per_mtok=Decimal("0.40"))
-    gpus = [Gpu.objects.create(node=node, uuid=gpu_uuid(), index=i, name="H100") for i in range(2)]
+    gpus = [GpuFactory(node=node, uuid=gpu_uuid(), index=i, name="H100") for i in range(2)]
     allocation = allocation_create(tenant=tenant, gpu=gpus[0], starts_at=H - timedelta(days=1))
     url = "http://127.0.0.1:8000/metrics"
     deployment_create(tenant=tenant, name="d", model_name="m", engine="vllm", node=node, metrics_url=url,
@@ -217,7 +246,7 @@ def test_the_pnl_sets_revenue_from_price_books_against_attributed_cost(client):
     UsageHour.objects.create(endpoint=endpoint, ts=H, prompt_tokens=6_000_000, generation_tokens=2_000_000)
     GpuHour.objects.create(gpu=gpus[0], ts=H, seconds=3600, util_mean=80.0, energy_mj=2 * 3_600_000_000)
     cost_hours_attribute(hours=[H])
-    (line,) = site_pnl(start=H, end=H + timedelta(hours=1))
+    (line,) = site_pnl(start=H, end=H + timedelta(hours=1))  # the month so far: the draft as of the hour's end
     # revenue 6 x 0.10 + 2 x 0.40 = 1.40; cost: 2 GPU-hours x 1.50 + 2 kWh x 0.15 = 3.30
     assert line.revenue == {"USD": Decimal("1.40")}
     assert line.cost.total == Decimal("3.30")

@@ -6,17 +6,23 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.db.models import Q, QuerySet, Sum
-from django.db.models.functions import TruncDay
+from django.db.models.functions import TruncDay, TruncHour
 from django.utils import timezone
 
 from portal.capacity.models import WHOLE_GPU_SLOTS, Allocation, CapacityRequest, Deployment
 from portal.fleet.models import Gpu, MigInstance, NodeStatus, ServingEndpoint
+from portal.hours import hour_ceil, hour_floor
 from portal.telemetry.models import UsageHour, UsageMinute
 from portal.tenants.models import Tenant
 
 
 def allocations_at(*, at: datetime) -> QuerySet[Allocation]:
     return Allocation.objects.filter(Q(ends_at__isnull=True) | Q(ends_at__gt=at), starts_at__lte=at)
+
+
+def allocations_overlapping(*, tenant: Tenant, start: datetime, end: datetime) -> QuerySet[Allocation]:
+    return Allocation.objects.filter(tenant=tenant, starts_at__lt=end).filter(
+        Q(ends_at__isnull=True) | Q(ends_at__gt=start))
 
 
 def tenant_allocations(*, tenant: Tenant, at: datetime | None = None) -> QuerySet[Allocation]:
@@ -44,6 +50,9 @@ def holders_by_unit(*, gpu_ids: list[int], at: datetime | None = None) -> dict[t
 
 @dataclass
 class DeploymentWindow:
+    deployment_id: int
+    tenant_id: int
+    site_id: int
     endpoint_ids: list[int]
     start: datetime
     end: datetime
@@ -51,34 +60,30 @@ class DeploymentWindow:
 
 
 def deployment_windows(deployments: list[Deployment], start: datetime, end: datetime) -> list[DeploymentWindow]:
-    """Each deployment's endpoints and the part of [start, end) in which their usage belongs to the tenant."""
-    by_node_url = defaultdict(list)
-    for pk, node_id, url in ServingEndpoint.objects.filter(
-            node_id__in={d.node_id for d in deployments}).values_list("pk", "node_id", "url"):
+    """The one rule for who owns a usage minute: a deployment owns its endpoints' usage (its node and metrics URL)
+    from active_from until ended_at, so at a handover on the same URL each minute has exactly one owner. Returns
+    each deployment's endpoints and the part of [start, end) it owns. Billing, economics, SLAs and tenant usage
+    all read usage through it."""
+    by_node_url, site_of = defaultdict(list), {}
+    for pk, node_id, url, site_id in ServingEndpoint.objects.filter(
+            node_id__in={d.node_id for d in deployments}).values_list("pk", "node_id", "url", "node__site_id"):
         by_node_url[(node_id, url)].append(pk)
+        site_of[node_id] = site_id
     windows = []
     for d in deployments:
         lo, hi = max(start, d.active_from), min(end, d.ended_at or end)
         ids = by_node_url.get((d.node_id, d.metrics_url), [])
         if lo < hi and ids:
-            windows.append(DeploymentWindow(endpoint_ids=ids, start=lo, end=hi, model=d.model_name))
+            windows.append(DeploymentWindow(deployment_id=d.pk, tenant_id=d.tenant_id, site_id=site_of[d.node_id],
+                                            endpoint_ids=ids, start=lo, end=hi, model=d.model_name))
     return windows
-
-
-def _hour_floor(ts: datetime) -> datetime:
-    return ts.replace(minute=0, second=0, microsecond=0)
-
-
-def _hour_ceil(ts: datetime) -> datetime:
-    floor = _hour_floor(ts)
-    return floor if floor == ts else floor + timedelta(hours=1)
 
 
 def usage_tiers(*, start: datetime, end: datetime, now: datetime) -> list[tuple[type, datetime, datetime]]:
     """Which usage tier answers which part of [start, end): whole past hours from the hour tier, the edges and the
     current hour from the minute tier. Empty parts are left out."""
-    current_hour = _hour_floor(now)
-    hours_lo, hours_hi = _hour_ceil(start), min(_hour_floor(end), current_hour)
+    current_hour = hour_floor(now)
+    hours_lo, hours_hi = hour_ceil(start), min(hour_floor(end), current_hour)
     if hours_lo < hours_hi:
         parts = [(UsageHour, hours_lo, hours_hi), (UsageMinute, start, hours_lo), (UsageMinute, hours_hi, end)]
     else:
@@ -86,12 +91,13 @@ def usage_tiers(*, start: datetime, end: datetime, now: datetime) -> list[tuple[
     return [(model, lo, hi) for model, lo, hi in parts if lo < hi]
 
 
-def usage_rows(*, endpoint_ids: list[int], start: datetime, end: datetime, now: datetime | None = None):
-    """Usage of endpoints over [start, end), as (day, endpoint_id, prompt, generation, ok, failed) sums per day."""
+def usage_rows(*, endpoint_ids: list[int], start: datetime, end: datetime, now: datetime | None = None,
+               per: type[TruncDay] | type[TruncHour] = TruncDay):
+    """Usage of endpoints over [start, end), as (day or hour, endpoint_id, prompt, generation, ok, failed) sums."""
     for model, lo, hi in usage_tiers(start=start, end=end, now=now or timezone.now()):
         yield from (
             model.objects.filter(endpoint_id__in=endpoint_ids, ts__gte=lo, ts__lt=hi)
-            .annotate(day=TruncDay("ts")).values("day", "endpoint_id")
+            .annotate(day=per("ts")).values("day", "endpoint_id")
             .annotate(p=Sum("prompt_tokens"), g=Sum("generation_tokens"), ok=Sum("requests_ok"),
                       failed=Sum("requests_failed"))
             .values_list("day", "endpoint_id", "p", "g", "ok", "failed")
@@ -102,6 +108,7 @@ def usage_rows(*, endpoint_ids: list[int], start: datetime, end: datetime, now: 
 class UsageLine:
     model: str
     day: datetime | None
+    site_id: int | None = None
     prompt_tokens: int = 0
     generation_tokens: int = 0
     requests_ok: int = 0
@@ -113,21 +120,21 @@ class UsageLine:
 
 
 def usage_for_tenant(*, tenant: Tenant, start: datetime, end: datetime, by_day: bool = True,
-                     now: datetime | None = None) -> list[UsageLine]:
-    """The tenant's token and request usage over [start, end), per model (and day): usage of its deployments'
-    endpoints while each deployment was live. Exact integers, as the agents reported them."""
-    lines: dict[tuple[str, datetime | None], UsageLine] = {}
+                     now: datetime | None = None, by_site: bool = False) -> list[UsageLine]:
+    """The tenant's token and request usage over [start, end), per model (and day, and site): usage of its
+    deployments' endpoints while each deployment was live. Exact integers, as the agents reported them."""
+    lines: dict[tuple[str, datetime | None, int | None], UsageLine] = {}
     deployments = list(Deployment.objects.filter(tenant=tenant))
     for window in deployment_windows(deployments, start, end):
         for day, _endpoint, p, g, ok, failed in usage_rows(endpoint_ids=window.endpoint_ids, start=window.start,
                                                           end=window.end, now=now):
-            key = (window.model, day if by_day else None)
-            line = lines.setdefault(key, UsageLine(model=window.model, day=key[1]))
+            key = (window.model, day if by_day else None, window.site_id if by_site else None)
+            line = lines.setdefault(key, UsageLine(model=window.model, day=key[1], site_id=key[2]))
             line.prompt_tokens += p or 0
             line.generation_tokens += g or 0
             line.requests_ok += ok or 0
             line.requests_failed += failed or 0
-    return sorted(lines.values(), key=lambda ln: (ln.day or start, ln.model))
+    return sorted(lines.values(), key=lambda ln: (ln.day or start, ln.model, ln.site_id or 0))
 
 
 @dataclass
@@ -239,3 +246,17 @@ def deployments_unbillable(*, deployments: list[Deployment]) -> dict[int, Unbill
     found = {(node_id, url): Unbillable(since=since, model=model) for node_id, url, model, since in
              endpoints.values_list("node_id", "url", "model", "unbillable_since")}
     return {d.pk: found[(d.node_id, d.metrics_url)] for d in deployments if (d.node_id, d.metrics_url) in found}
+
+
+def deployment_tokens_by_hour(*, start: datetime, end: datetime, now: datetime | None = None) -> dict[
+        tuple[int, datetime], tuple[int, int]]:
+    """(prompt, generation) tokens each deployment owned in each hour of [start, end) (deployment_windows)."""
+    deployments = list(Deployment.objects.filter(active_from__lt=end).filter(
+        Q(ended_at__isnull=True) | Q(ended_at__gt=start)))
+    out: dict[tuple[int, datetime], tuple[int, int]] = defaultdict(lambda: (0, 0))
+    for window in deployment_windows(deployments, start, end):
+        for hour, _endpoint, p, g, _ok, _failed in usage_rows(endpoint_ids=window.endpoint_ids, start=window.start,
+                                                            end=window.end, now=now, per=TruncHour):
+            prompt, generation = out[(window.deployment_id, hour)]
+            out[(window.deployment_id, hour)] = (prompt + (p or 0), generation + (g or 0))
+    return dict(out)

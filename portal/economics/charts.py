@@ -30,7 +30,7 @@ def cost_breakdown_chart(periods: list[SitePeriod]) -> dict:
         x = [f"{d:%Y-%m-%d}" for d, _ in days]
         label = f"{period.site.name} ({period.site.currency})"
         traces.append({"type": "bar", "name": f"{label} total", "x": x, "y": [_num(c.total) for _, c in days]})
-        traces.append({"type": "scatter", "mode": "lines", "name": f"{label} idle capacity", "x": x,
+        traces.append({"type": "scatter", "mode": "lines", "name": f"{label} unallocated", "x": x,
                        "y": [_num(c.idle) for _, c in days], "line": {"dash": "dot"}})
     return {"data": traces, "layout": {**_LAYOUT, "barmode": "group", "yaxis": {"title": {"text": "cost per day"}}}}
 
@@ -73,9 +73,12 @@ def what_if_chart(model, result) -> dict:
     """The site's modelled curve of cost per 1M tokens against utilization, its measured days, and the scenario."""
     xs = [u / 100 for u in range(5, 101, 5)]
     curve = [(x, model.cost_per_million(x)) for x in xs]
+    alone = [(x, model.cost_per_million(x, throughput_at=model.measured_utilization)) for x in xs]
     traces = [
         {"type": "scatter", "mode": "lines", "name": "model (this site's measured costs)",
          "x": [round(x * 100) for x, _ in curve], "y": [_num(c) for _, c in curve]},
+        {"type": "scatter", "mode": "lines", "name": "utilization alone (throughput as today)",
+         "line": {"dash": "dot"}, "x": [round(x * 100) for x, _ in alone], "y": [_num(c) for _, c in alone]},
         {"type": "scatter", "mode": "markers", "name": "measured days",
          "x": [round(u * 100, 1) for u, _ in model.points], "y": [round(c, 4) for _, c in model.points]},
         {"type": "scatter", "mode": "markers", "name": "scenario", "marker": {"size": 14, "symbol": "star"},

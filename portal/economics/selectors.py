@@ -1,9 +1,7 @@
-"""Cost of running the factory, from each site's cost model and measured energy.
-
-An hour of a site costs: installed GPUs x (capex / depreciation hours + other opex per GPU-hour) + measured energy
-(kWh, from NVML's energy counter or integrated power) x PUE x price per kWh. Cost per million tokens is that cost
-over the tokens served (input + output) x 10^6. Idle capacity cost is the fixed part (capex + opex) times the share
-of GPU time not busy. Money is Decimal in the site's currency; sites in different currencies are never summed.
+"""Reads of the factory's cost: per site, tenant, deployment, model and node, from the attribution tier (CostHour,
+DeploymentHour/Day: every GPU-hour on the books, economics.attribution) and the usage tiers. The cost of a
+GPU-hour is economics.costmodel's. Cost per million tokens is a scope's cost over the tokens it served (input +
+output) x 10^6. Money is Decimal in the site's currency; sites in different currencies are never summed.
 """
 
 from collections import defaultdict
@@ -11,42 +9,50 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from django.db.models import F, Sum
-from django.db.models.functions import Least, TruncDay
+from django.db.models import F, Q, Sum
+from django.db.models.functions import TruncDay
 from django.utils import timezone
 
-from portal.capacity.models import Deployment
+from portal.capacity.models import Allocation, Deployment
+from portal.capacity.selectors import usage_tiers
+from portal.economics.attribution import Reading, attribute
+from portal.economics.costmodel import CAPACITY_FIELDS, MILLION, ZERO
 from portal.economics.models import CostHour, DeploymentDay, DeploymentHour
 from portal.fleet.models import Node, Site
-from portal.telemetry.models import GpuHour, SiteHour, UsageHour, UsageSample
+from portal.fleet.selectors import gpus_on_books
+from portal.hours import hour_ceil, hours_between
+from portal.telemetry.models import GpuHour, RollupWatermark, SiteHour, UsageSample
 from portal.tenants.models import Tenant
 
-HOURS_PER_MONTH = Decimal("730.5")
-# Sums of the attributed-cost columns (economics.models._AttributedCost), under the short names Cost is built from.
-COST_SUMS = {"g": Sum("gpu_hours"), "b": Sum("busy_gpu_hours"), "k": Sum("energy_kwh"), "c": Sum("capex"),
-             "e": Sum("energy"), "o": Sum("opex")}
-MJ_PER_KWH = Decimal(3_600_000_000)
-MILLION = Decimal(1_000_000)
+# Sums of the attributed-cost columns (economics.models._AttributedCost), under their own names.
+COST_SUMS = {name: Sum(name) for name in CAPACITY_FIELDS}
 CENT = Decimal("0.01")
 
 
 @dataclass
 class Cost:
-    """Cost and output of a scope over a period, in one currency."""
+    """Cost and output of a scope over a period, in one currency. `idle` is the cost of capacity no tenant held
+    (the same meaning on every page); `not_busy` the fixed cost of held-or-not GPU time that did no work."""
 
     currency: str
-    capex: Decimal = Decimal(0)
-    energy: Decimal = Decimal(0)
-    opex: Decimal = Decimal(0)
-    idle: Decimal = Decimal(0)
+    capex: Decimal = ZERO
+    energy: Decimal = ZERO
+    opex: Decimal = ZERO
+    idle: Decimal = ZERO
     tokens: int = 0
-    gpu_hours: Decimal = Decimal(0)
-    busy_gpu_hours: Decimal = Decimal(0)
-    energy_kwh: Decimal = Decimal(0)
+    gpu_hours: Decimal = ZERO
+    busy_gpu_hours: Decimal = ZERO
+    energy_kwh: Decimal = ZERO
 
     @property
     def total(self) -> Decimal:
         return self.capex + self.energy + self.opex
+
+    @property
+    def not_busy(self) -> Decimal:
+        if not self.gpu_hours:
+            return ZERO
+        return (self.capex + self.opex) * (1 - self.busy_gpu_hours / self.gpu_hours)
 
     @property
     def per_million_tokens(self) -> Decimal | None:
@@ -70,19 +76,32 @@ class Cost:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
-def hour_cost(*, site: Site, gpus: int, energy_mj: int, util_seconds: float, tokens: int,
-              hours: Decimal = Decimal(1)) -> Cost:
-    """The cost of `gpus` GPUs of `site` over `hours`, given what they reported."""
-    gpu_hours = Decimal(gpus) * hours
-    capex = gpu_hours * site.gpu_capex / (site.depreciation_months * HOURS_PER_MONTH)
-    opex = gpu_hours * site.other_opex_gpu_hour
-    kwh = Decimal(energy_mj) / MJ_PER_KWH
-    busy = min(gpu_hours, Decimal(str(util_seconds)) / Decimal(360_000))  # util% x seconds -> busy GPU-hours
-    idle_share = (gpu_hours - busy) / gpu_hours if gpu_hours else Decimal(0)
-    return Cost(
-        currency=site.currency, capex=capex, energy=kwh * site.pue * site.energy_price_kwh, opex=opex,
-        idle=(capex + opex) * idle_share, tokens=tokens, gpu_hours=gpu_hours, busy_gpu_hours=busy, energy_kwh=kwh,
-    )
+def cost_of(currency: str, sums: dict, *, idle: Decimal = ZERO, tokens: int = 0) -> Cost:
+    """A Cost from the attributed-cost sums (COST_SUMS' names)."""
+    return Cost(currency=currency, capex=sums["capex"] or ZERO, energy=sums["energy"] or ZERO,
+                opex=sums["opex"] or ZERO, idle=idle, tokens=tokens, gpu_hours=sums["gpu_hours"] or ZERO,
+                busy_gpu_hours=sums["busy_gpu_hours"] or ZERO, energy_kwh=sums["energy_kwh"] or ZERO)
+
+
+def attribution_inputs(*, start: datetime, end: datetime, node_id: int | None = None) -> dict:
+    """What attribution reads for [start, end): sites, the GPUs on the books (of one node, if given), their hour
+    readings, the allocations of those GPUs and the deployments on each allocation (by id)."""
+    gpus = gpus_on_books(start=start, end=end, node_id=node_id)
+    ids = [g.gpu_id for g in gpus]
+    readings = {(g, ts): Reading(energy or 0, util or 0.0, seconds or 0.0) for g, ts, energy, util, seconds in
+                GpuHour.objects.filter(gpu_id__in=ids, ts__gte=start, ts__lt=end).values_list(
+                    "gpu_id", "ts", "energy_mj", "util_mean", "seconds")}
+    allocations: dict[int, list[Allocation]] = defaultdict(list)
+    for a in (Allocation.objects.filter(gpu_id__in=ids, starts_at__lt=end)
+              .filter(Q(ends_at__isnull=True) | Q(ends_at__gt=start)).select_related("mig_instance").order_by("pk")):
+        allocations[a.gpu_id].append(a)
+    deployments_of: dict[int, list[Deployment]] = defaultdict(list)
+    live = Deployment.objects.filter(active_from__lt=end).filter(Q(ended_at__isnull=True) | Q(ended_at__gt=start))
+    for deployment in live.prefetch_related("allocations").order_by("pk"):
+        for allocation in deployment.allocations.all():
+            deployments_of[allocation.pk].append(deployment)
+    return {"sites": {s.pk: s for s in Site.objects.all()}, "gpus": gpus, "readings": readings,
+            "allocations": allocations, "deployments_of": deployments_of}
 
 
 @dataclass
@@ -93,21 +112,25 @@ class SitePeriod:
 
 
 def site_costs(*, start: datetime, end: datetime, site_ids: list[int] | None = None) -> list[SitePeriod]:
-    """Each site's cost over [start, end), with its daily breakdown, from the site tier summed per UTC day in the
-    database (two queries; a month is ~30 rows per site). Summing hours first is exact: every term of hour_cost is
-    linear in GPU-hours, energy and busy time, and busy time is capped at the installed GPU-hours hour by hour."""
+    """Each site's cost over [start, end), with its daily breakdown: the attribution tier summed per UTC day in
+    the database (every GPU-hour on the books, silent hours included), and the tokens its endpoints served."""
     sites = {s.pk: s for s in Site.objects.filter(**({"pk__in": site_ids} if site_ids else {}))}
     out = {pk: SitePeriod(site=s, cost=Cost(currency=s.currency)) for pk, s in sites.items()}
-    rows = (SiteHour.objects.filter(site_id__in=sites, ts__gte=start, ts__lt=end)
+    tokens = {(r["site_id"], r["day"]): r["tokens"] for r in (
+        SiteHour.objects.filter(site_id__in=sites, ts__gte=start, ts__lt=end)
+        .annotate(day=TruncDay("ts", tzinfo=UTC)).values("site_id", "day")
+        .annotate(tokens=Sum(F("prompt_tokens") + F("generation_tokens"))).order_by())}
+    rows = (CostHour.objects.filter(site_id__in=sites, ts__gte=start, ts__lt=end)
             .annotate(day=TruncDay("ts", tzinfo=UTC)).values("site_id", "day")
-            .annotate(gpu_hours=Sum("gpus_installed"), energy=Sum("energy_mj"),
-                      busy=Sum(Least("util_seconds", F("gpus_installed") * 360_000.0)),
-                      tokens=Sum(F("prompt_tokens") + F("generation_tokens")))
-            .order_by("day"))
+            # (the idle sums first: afterwards the cost sums' names shadow the columns)
+            .annotate(**{f"idle_{name}": Sum(name, filter=Q(tenant__isnull=True))
+                         for name in ("capex", "opex", "energy")})
+            .annotate(**COST_SUMS).order_by("day"))
     for row in rows:
         period = out[row["site_id"]]
-        cost = hour_cost(site=period.site, gpus=row["gpu_hours"], energy_mj=row["energy"],
-                         util_seconds=row["busy"], tokens=row["tokens"])
+        key = (row["site_id"], row["day"])
+        idle = sum((row[f"idle_{name}"] or ZERO for name in ("capex", "opex", "energy")), ZERO)
+        cost = cost_of(period.site.currency, row, idle=idle, tokens=tokens.get(key) or 0)
         period.cost.add(cost)
         period.daily.append((row["day"], cost))
     return sorted(out.values(), key=lambda p: p.site.name)
@@ -121,12 +144,10 @@ def costs_by_currency(periods: list[SitePeriod]) -> dict[str, Cost]:
 
 
 def utilization_over(*, start: datetime, end: datetime) -> float | None:
-    """Busy GPU-hours / installed GPU-hours over the period, fleet-wide, from the site tier."""
-    agg = SiteHour.objects.filter(ts__gte=start, ts__lt=end).aggregate(u=Sum("util_seconds"),
-                                                                       g=Sum("gpus_installed"))
-    if not agg["g"]:
-        return None
-    return agg["u"] / (agg["g"] * 3600 * 100)
+    """Busy GPU-hours / GPU-hours on the books over the period, fleet-wide (a GPU that did not report counts as
+    idle), from the attribution tier."""
+    agg = CostHour.objects.filter(ts__gte=start, ts__lt=end).aggregate(b=Sum("busy_gpu_hours"), g=Sum("gpu_hours"))
+    return float(agg["b"] / agg["g"]) if agg["g"] else None
 
 
 def tokens_per_second_now(*, window: timedelta = timedelta(seconds=60), now: datetime | None = None) -> float:
@@ -136,20 +157,29 @@ def tokens_per_second_now(*, window: timedelta = timedelta(seconds=60), now: dat
     return ((agg["p"] or 0) + (agg["g"] or 0)) / window.total_seconds()
 
 
-def node_cost(*, node: Node, start: datetime, end: datetime) -> Cost:
-    """A node's cost and tokens over [start, end) from its GPUs' hour tier and its endpoints' usage."""
-    gpus = node.gpus.count()  # served from the prefetch cache when the caller prefetched the node's GPUs
-    hours = Decimal((end - start).total_seconds()) / Decimal(3600)
-    gpu = GpuHour.objects.filter(gpu__node=node, ts__gte=start, ts__lt=end).aggregate(
-        e=Sum("energy_mj"), u=_util_seconds())
-    usage = UsageHour.objects.filter(endpoint__node=node, ts__gte=start, ts__lt=end).aggregate(
-        p=Sum("prompt_tokens"), g=Sum("generation_tokens"))
-    return hour_cost(site=node.site, gpus=gpus, energy_mj=gpu["e"] or 0, util_seconds=gpu["u"] or 0,
-                     tokens=(usage["p"] or 0) + (usage["g"] or 0), hours=hours)
+def attributed_through() -> datetime | None:
+    """Cost is attributed up to this moment (the last rollup; None before the first): every page's cost and
+    tokens end here, so the node, site, tenant and deployment figures of a period agree."""
+    return RollupWatermark.objects.filter(name="attribution").values_list("stored_until", flat=True).first()
 
 
-def _util_seconds() -> Sum:
-    return Sum(F("util_mean") * F("seconds"))
+def node_cost(*, node: Node, start: datetime, end: datetime, through: datetime | None) -> Cost:
+    """A node's cost and tokens over [start, end) up to `through` (attributed_through(), where every page's cost
+    ends): its GPUs attributed hour by hour exactly as the books are (economics.attribution), so only the hours it
+    was on the books count, and its endpoints' usage."""
+    # The hours that begin in the period, as in the attribution tier, up to where attribution has reached.
+    start, end = hour_ceil(start), min(end, through or start)
+    attributed = attribute(hours=hours_between(start, end), now=end,
+                           **attribution_inputs(start=start, end=end, node_id=node.pk))
+    cost = Cost(currency=node.site.currency)
+    for (_site, tenant, _ts), values in attributed.tenants.items():
+        cost.add(cost_of(cost.currency, values, idle=sum((values[n] for n in ("capex", "opex", "energy")), ZERO)
+                         if tenant is None else ZERO))
+    for model, lo, hi in usage_tiers(start=start, end=end, now=end):
+        usage = model.objects.filter(endpoint__node=node, ts__gte=lo, ts__lt=hi).aggregate(
+            p=Sum("prompt_tokens"), g=Sum("generation_tokens"))
+        cost.tokens += (usage["p"] or 0) + (usage["g"] or 0)
+    return cost
 
 
 def utilization_vs_cost(periods: list[SitePeriod]) -> dict[str, list[tuple[float, Decimal, str]]]:
@@ -166,14 +196,10 @@ def attributed_costs(*, start: datetime, end: datetime) -> dict[tuple[int, int |
     """Cost per (site, tenant) over [start, end) from the attribution tier; tenant None is idle capacity."""
     sites = {s.pk: s for s in Site.objects.all()}
     out = {}
-    rows = (CostHour.objects.filter(ts__gte=start, ts__lt=end).values("site_id", "tenant_id")
-            .annotate(**COST_SUMS))
-    for r in rows:
-        fixed = r["c"] + r["o"]
-        idle = fixed if r["tenant_id"] is None else fixed * (1 - r["b"] / r["g"]) if r["g"] else Decimal(0)
-        out[(r["site_id"], r["tenant_id"])] = Cost(
-            currency=sites[r["site_id"]].currency, capex=r["c"], energy=r["e"], opex=r["o"], idle=idle,
-            gpu_hours=r["g"], busy_gpu_hours=r["b"], energy_kwh=r["k"])
+    for r in (CostHour.objects.filter(ts__gte=start, ts__lt=end).values("site_id", "tenant_id")
+              .annotate(**COST_SUMS).order_by()):
+        idle = r["capex"] + r["opex"] + r["energy"] if r["tenant_id"] is None else ZERO
+        out[(r["site_id"], r["tenant_id"])] = cost_of(sites[r["site_id"]].currency, r, idle=idle)
     return out
 
 
@@ -187,13 +213,7 @@ class DeploymentLine:
         return ", ".join(f"{k}: {v}" for k, v in sorted(self.deployment.settings.items())) or "defaults"
 
 
-_HOUR_SUMS = {**COST_SUMS, "p": Sum("prompt_tokens"), "n": Sum("generation_tokens")}
-
-
-def _cost_from_sums(currency: str, r: dict) -> Cost:
-    idle = (r["c"] + r["o"]) * (1 - r["b"] / r["g"]) if r["g"] else Decimal(0)
-    return Cost(currency=currency, capex=r["c"], energy=r["e"], opex=r["o"], idle=idle, tokens=r["p"] + r["n"],
-                gpu_hours=r["g"], busy_gpu_hours=r["b"], energy_kwh=r["k"])
+_HOUR_SUMS = {**COST_SUMS, "prompt_tokens": Sum("prompt_tokens"), "generation_tokens": Sum("generation_tokens")}
 
 
 @dataclass(frozen=True)
@@ -250,7 +270,8 @@ def deployment_costs(*, start: datetime, end: datetime) -> list[DeploymentCost]:
     facts = Deployment.objects.filter(pk__in=list(sums)).values_list(
         "pk", "model_name", "tenant_id", "node__site_id", "node__site__currency")
     return [DeploymentCost(deployment_id=pk, model_name=model, tenant_id=tenant, site_id=site,
-                           cost=_cost_from_sums(currency, sums[pk])) for pk, model, tenant, site, currency in facts]
+                           cost=cost_of(currency, sums[pk], tokens=sums[pk]["prompt_tokens"] + sums[pk][
+                               "generation_tokens"])) for pk, model, tenant, site, currency in facts]
 
 
 def deployment_ranking(*, costs: list[DeploymentCost], limit: int | None = None) -> list[DeploymentLine]:

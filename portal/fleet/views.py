@@ -12,6 +12,7 @@ from portal.audit.services import audit_record
 from portal.capacity.selectors import holders_by_unit
 from portal.economics.charts import node_charts
 from portal.economics.selectors import (
+    attributed_through,
     costs_by_currency,
     node_cost,
     site_costs,
@@ -88,7 +89,9 @@ def node_page(request: HttpRequest, node_id: int) -> HttpResponse:
     if request.htmx:
         return render(request, "fleet/node.html#charts", context)
     context["events"] = node_health_events(node=node)
-    context["cost_30d"] = node_cost(node=node, start=now - timedelta(days=30), end=now)
+    context["cost_through"] = attributed_through()
+    context["cost_30d"] = node_cost(node=node, start=now - timedelta(days=30), end=now,
+                                    through=context["cost_through"])
     return render(request, "fleet/node.html", context)
 
 

@@ -11,7 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from django.db.models import QuerySet, Sum
+from django.db.models import Count, QuerySet, Sum
 from django.utils import timezone
 
 from portal.capacity.models import Deployment
@@ -73,6 +73,33 @@ def sli_readings(*, tenant: Tenant, start: datetime, end: datetime, now: datetim
     readings[Sli.AVAILABILITY] = Reading(
         value=100 * totals.probes_up / totals.probes if totals.probes else None, samples=totals.probes)
     return readings
+
+
+@dataclass(frozen=True)
+class BreachedWindows:
+    count: int  # windows of the period that breached
+    total: int  # windows of the period evaluated
+    first: datetime  # end of the first breaching window
+    worst: float  # the worst value measured in a breaching window
+
+
+def sla_breached_windows(*, tenant: Tenant, start: datetime, end: datetime,
+                         slis: set[str]) -> dict[str, BreachedWindows]:
+    """Per SLI, the tenant's evaluation windows ending in (start, end] that breached their target (one query)."""
+    found: dict[str, BreachedWindows] = {}
+    rows = SlaEvaluation.objects.filter(tenant=tenant, sli__in=slis, window_end__gt=start, window_end__lte=end)
+    totals = dict(rows.values_list("sli").annotate(n=Count("id")).order_by())
+    for sli, value, window_end in rows.filter(compliant=False).order_by("window_end").values_list(
+            "sli", "value", "window_end"):
+        higher_is_better = sli == Sli.AVAILABILITY
+        if sli not in found:
+            found[sli] = BreachedWindows(count=1, total=totals[sli], first=window_end, worst=value)
+        else:
+            previous = found[sli]
+            worst = min(previous.worst, value) if higher_is_better else max(previous.worst, value)
+            found[sli] = BreachedWindows(count=previous.count + 1, total=previous.total, first=previous.first,
+                                         worst=worst)
+    return found
 
 
 def policy_for_tenant(*, tenant: Tenant) -> SlaPolicy | None:

@@ -130,15 +130,12 @@ class RollupWatermark(models.Model):
 
 
 class SiteHour(models.Model):
-    """Per site and hour: the installed GPUs, what they reported and the tokens served. The economics pages read
-    this tier, so fleet-wide figures over months touch a few thousand rows, not millions."""
+    """Per site and hour: the tokens its endpoints served. The economics pages read it beside the attribution tier
+    (economics.CostHour, which holds the capacity and its cost), so fleet-wide figures over months touch a few
+    thousand rows, not millions."""
 
     site = models.ForeignKey("fleet.Site", on_delete=models.CASCADE, related_name="+", db_index=False)
     ts = models.DateTimeField()
-    gpus_installed = models.PositiveIntegerField(help_text="GPUs on the site's non-decommissioned nodes")
-    gpu_seconds = models.FloatField(help_text="Seconds of GPU samples reported in the hour")
-    util_seconds = models.FloatField(help_text="Sum of utilization (0-100) x seconds")
-    energy_mj = models.BigIntegerField(default=0)
     prompt_tokens = models.BigIntegerField(default=0)
     generation_tokens = models.BigIntegerField(default=0)
     requests = models.BigIntegerField(default=0)

@@ -8,12 +8,12 @@ from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, F, Max, Q, Sum
+from django.db.models import F, Max, Q, Sum
 from django.db.models.functions import TruncHour, TruncMinute
 from django.utils import timezone
 
 from portal.economics.services import cost_hours_attribute
-from portal.fleet.models import Gpu, NodeStatus
+from portal.hours import hour_floor, hours_between
 from portal.telemetry import histograms
 from portal.telemetry.models import (
     GpuHour,
@@ -139,62 +139,60 @@ def rollup_minutes(*, now: datetime | None = None) -> int:
     return written
 
 
+def hours_from_minutes(*, node_ids: list[int], start: datetime, end: datetime) -> set[datetime]:
+    """Recompute the hour tier (GPU and usage hours) of these nodes over whole hours in [start, end) from the minute
+    tier; returns the hours written."""
+    gpu_rows = _rollup_rows(GpuHour, _gpu_aggregate(GpuMinute, TruncHour, node_ids, start, end, "memory_used_mib_max"))
+    usage_rows = _usage_rows(UsageHour, UsageMinute, timedelta(hours=1), node_ids, start, end)
+    _upsert(GpuHour, gpu_rows, ["gpu", "ts"], MINUTE_FIELDS)
+    _upsert(UsageHour, usage_rows, ["endpoint", "ts"], USAGE_FIELDS)
+    return {row.ts for row in gpu_rows} | {row.ts for row in usage_rows}
+
+
 def rollup_hours(*, now: datetime | None = None) -> int:
     """Recompute the hour tier from the minute tier, for periods the minute rollup has already covered, then the
-    site tier for the same hours."""
-    until = min((now or timezone.now()) - SETTLE, _watermark("minute"))
+    site tier and the attribution for the same hours. Returns the hours recomputed plus the rows written after."""
+    now = now or timezone.now()
+    until = min(now - SETTLE, _watermark("minute"))
     since = _watermark("hour")
     if until <= since:
         return 0
-    written = 0
     hours: set[datetime] = set()
     with transaction.atomic():
         for node_ids, lo, hi in _affected(since, until, timedelta(hours=1)):
-            gpu_rows = _rollup_rows(
-                GpuHour, _gpu_aggregate(GpuMinute, TruncHour, node_ids, lo, hi, "memory_used_mib_max"))
-            usage_rows = _usage_rows(UsageHour, UsageMinute, timedelta(hours=1), node_ids, lo, hi)
-            written += _upsert(GpuHour, gpu_rows, ["gpu", "ts"], MINUTE_FIELDS)
-            written += _upsert(UsageHour, usage_rows, ["endpoint", "ts"], USAGE_FIELDS)
-            hours.update(row.ts for row in gpu_rows)
-            hours.update(row.ts for row in usage_rows)
-        written += rollup_site_hours(hours=sorted(hours))
+            hours |= hours_from_minutes(node_ids=node_ids, start=lo, end=hi)
+        written = len(hours) + rollup_site_hours(hours=sorted(hours))
         # Attribution reads the GPU hours just written; same transaction, so pages never see one without the other.
-        written += cost_hours_attribute(hours=sorted(hours))
+        # Every hour since the last attributed one is attributed too: a GPU that reported nothing still cost.
+        # The hour still running is attributed up to `now`, and again next time; every page's cost is through it.
+        current = hour_floor(now)
+        first = max(_watermark("attribution") if _has_watermark("attribution") else current,
+                    current - ATTRIBUTION_CATCH_UP)
+        written += cost_hours_attribute(hours=sorted(hours | set(hours_between(first, now))), now=now)
+        _set_watermark("attribution", now)
         _set_watermark("hour", until)
     return written
 
 
+# A watermark further behind (the rollups were stopped for weeks) catches up this far back, at most, per run.
+ATTRIBUTION_CATCH_UP = timedelta(days=31)
+
+
+def _has_watermark(name: str) -> bool:
+    return RollupWatermark.objects.filter(name=name).exists()
+
+
 def rollup_site_hours(*, hours: list[datetime]) -> int:
-    """Recompute SiteHour for these hours from GpuHour and UsageHour (all sites: a handful of rows per hour)."""
+    """Recompute SiteHour (the tokens each site's endpoints served) for these hours from UsageHour."""
     if not hours:
         return 0
-    installed = dict(
-        Gpu.objects.exclude(node__status=NodeStatus.DECOMMISSIONED).values_list("node__site_id").annotate(
-            n=Count("id"))
-    )
-    rows: dict[tuple[int, datetime], SiteHour] = {}
-
-    def row(site_id: int, ts: datetime) -> SiteHour:
-        key = (site_id, ts)
-        if key not in rows:
-            rows[key] = SiteHour(site_id=site_id, ts=ts, gpus_installed=installed.get(site_id, 0), gpu_seconds=0,
-                                 util_seconds=0, energy_mj=0, prompt_tokens=0, generation_tokens=0, requests=0)
-        return rows[key]
-
-    gpu = (GpuHour.objects.filter(ts__in=hours).values("gpu__node__site_id", "ts")
-           .annotate(secs=Sum("seconds"), util=_weighted("util_mean"), energy=Sum("energy_mj")))
-    for a in gpu:
-        r = row(a["gpu__node__site_id"], a["ts"])
-        r.gpu_seconds, r.util_seconds, r.energy_mj = a["secs"] or 0, a["util"] or 0, a["energy"] or 0
+    SiteHour.objects.filter(ts__in=hours).delete()
     usage = (UsageHour.objects.filter(ts__in=hours).values("endpoint__node__site_id", "ts")
              .annotate(p=Sum("prompt_tokens"), g=Sum("generation_tokens"),
-                       r=Sum(F("requests_ok") + F("requests_failed"))))
-    for a in usage:
-        r = row(a["endpoint__node__site_id"], a["ts"])
-        r.prompt_tokens, r.generation_tokens, r.requests = a["p"] or 0, a["g"] or 0, a["r"] or 0
-    fields = ["gpus_installed", "gpu_seconds", "util_seconds", "energy_mj", "prompt_tokens", "generation_tokens",
-              "requests"]
-    return _upsert(SiteHour, list(rows.values()), ["site", "ts"], fields)
+                       r=Sum(F("requests_ok") + F("requests_failed"))).order_by())
+    rows = [SiteHour(site_id=a["endpoint__node__site_id"], ts=a["ts"], prompt_tokens=a["p"] or 0,
+                     generation_tokens=a["g"] or 0, requests=a["r"] or 0) for a in usage]
+    return _upsert(SiteHour, rows, ["site", "ts"], ["prompt_tokens", "generation_tokens", "requests"])
 
 
 def _upsert(model, rows: list, unique: list[str], fields: list[str], chunk: int = 2000) -> int:

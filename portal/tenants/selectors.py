@@ -12,6 +12,7 @@ from portal.accounts.models import User
 from portal.capacity.models import CapacityRequest, Deployment, Quota
 from portal.capacity.selectors import (
     UsageLine,
+    deployment_windows,
     tenant_allocations,
     tenant_capacity_requests,
     tenant_deployments,
@@ -176,15 +177,13 @@ def tenant_usage_by_day(*, tenant: Tenant, start: date, end: date, now: datetime
 
 def deployment_usage_by_day(*, deployment: Deployment, start: date, end: date,
                             now: datetime | None = None) -> list[UsageLine]:
-    """One deployment's usage per UTC day while it was live (the caller got it through its tenant)."""
+    """One deployment's usage per UTC day while it owned its endpoint (the caller got it through its tenant)."""
     now = now or timezone.now()
     lo, hi = day_range(start, end)
-    lo, hi = max(lo, deployment.active_from), min(hi, deployment.ended_at or hi, now)
-    ids = list(ServingEndpoint.objects.filter(node_id=deployment.node_id, url=deployment.metrics_url)
-               .values_list("pk", flat=True))
     days: dict[datetime, UsageLine] = {}
-    if ids and lo < hi:
-        for day, _endpoint, p, g, ok, failed in usage_rows(endpoint_ids=ids, start=lo, end=hi, now=now):
+    for window in deployment_windows([deployment], lo, min(hi, now)):
+        for day, _endpoint, p, g, ok, failed in usage_rows(endpoint_ids=window.endpoint_ids, start=window.start,
+                                                           end=window.end, now=now):
             line = days.setdefault(day, UsageLine(model=deployment.model_name, day=day))
             line.prompt_tokens += p or 0
             line.generation_tokens += g or 0

@@ -1,0 +1,23 @@
+"""Whole UTC hours: the grain of the hour tier, attribution and the books."""
+
+from datetime import datetime, timedelta
+
+HOUR = timedelta(hours=1)
+
+
+def hour_floor(ts: datetime) -> datetime:
+    return ts.replace(minute=0, second=0, microsecond=0)
+
+
+def hour_ceil(ts: datetime) -> datetime:
+    floor = hour_floor(ts)
+    return floor if floor == ts else floor + HOUR
+
+
+def hours_between(start: datetime, end: datetime) -> list[datetime]:
+    """The hours that begin in [hour_floor(start), end)."""
+    hour, out = hour_floor(start), []
+    while hour < end:
+        out.append(hour)
+        hour += HOUR
+    return out
