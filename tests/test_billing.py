@@ -36,13 +36,15 @@ from portal.billing.tasks import invoice_closed_month
 from portal.capacity.selectors import usage_for_tenant
 from portal.capacity.services import allocation_create, deployment_create
 from portal.demo.seed import DEMO_PASSWORD, seed_demo
-from portal.fleet.models import Gpu, ServingEndpoint
+from portal.fleet.models import ServingEndpoint
 from portal.sla.models import SlaEvaluation, SlaObjective, SlaPolicy, Sli, Window
 from portal.sla.selectors import fleet_compliance
+from portal.sla.services import sla_evaluate_tenant
 from portal.telemetry.models import UsageHour, UsageMinute
 from portal.tenants.models import Plan
 from tests.factories import (
     PASSWORD,
+    GpuFactory,
     MembershipFactory,
     NodeFactory,
     OperatorFactory,
@@ -73,7 +75,7 @@ def served_tenant(*, models=(LLAMA_8B,), plan: Plan | None = None, currency: str
     node = NodeFactory()
     endpoints = {}
     for i, model in enumerate(models):
-        gpu = Gpu.objects.create(node=node, uuid=gpu_uuid(), index=i, name="NVIDIA H100 80GB HBM3")
+        gpu = GpuFactory(node=node, uuid=gpu_uuid(), index=i, name="NVIDIA H100 80GB HBM3")
         allocation = allocation_create(tenant=tenant, gpu=gpu, starts_at=since)
         url = f"http://127.0.0.1:{8000 + i}/metrics"
         deployment_create(tenant=tenant, name=model, model_name=model, engine="vllm", node=node, metrics_url=url,
@@ -137,16 +139,48 @@ class TestInvoices:
                                     credit_pct=Decimal("10"))
         SlaObjective.objects.create(policy=policy, sli=Sli.ERROR_RATE, target=Decimal("1"), window=Window.DAY,
                                     credit_pct=Decimal("5"))
-        # 60 tokens' worth: 40 USD of usage. 99.0% availability misses 99.9; 0.5% errors meets 1%.
+        # 40 USD of usage. On Oct 3 availability is 99.0% (misses 99.9), errors 0.5% (meets 1%): the daily
+        # evaluations of the month record one breached availability window.
         add_usage(eps[LLAMA_8B], T0 + timedelta(days=2), 800_000_000, 0, probes=1000, probes_up=990,
                   requests_ok=995, requests_failed=5)
+        for day in range(1, 32):
+            sla_evaluate_tenant(tenant=tenant, window_end=T0 + timedelta(days=day), now=AFTER)
         invoice = invoice_month(tenant=tenant, period_start=OCT, now=AFTER)
         kinds = [(ln.kind, ln.amount) for ln in invoice.lines.order_by("position")]
+        # The credit is 10% of the usage only: a commitment top-up is owed whatever the service level.
         assert kinds == [(LineKind.USAGE, Decimal("40.00")), (LineKind.COMMITMENT, Decimal("60.00")),
-                         (LineKind.CREDIT, Decimal("-10.00"))]
-        assert invoice.credits == Decimal("10.00") and invoice.commitment_topup == Decimal("60.00")
-        assert invoice.total == Decimal("90.00") == sum(a for _, a in kinds)
-        assert invoice.lines.get(kind=LineKind.CREDIT).sli == Sli.AVAILABILITY
+                         (LineKind.CREDIT, Decimal("-4.00"))]
+        assert invoice.credits == Decimal("4.00") and invoice.commitment_topup == Decimal("60.00")
+        assert invoice.total == Decimal("96.00") == sum(a for _, a in kinds)
+        credit = invoice.lines.get(kind=LineKind.CREDIT)
+        assert credit.sli == Sli.AVAILABILITY
+        assert "breached its target" in credit.description and "in 1 of " in credit.description
+        assert "2026-10-04 00:00" in credit.description  # the window it breached in, shown with the credit
+
+    def test_no_credit_without_a_breached_window_even_if_the_month_misses_on_average(self):
+        # Every daily window meets its target, the month as a whole does not: a contract credits breaches.
+        tenant, eps = served_tenant()
+        policy = SlaPolicy.objects.create(name="Standard", plan=tenant.plan)
+        SlaObjective.objects.create(policy=policy, sli=Sli.AVAILABILITY, target=Decimal("99.9"), window=Window.DAY,
+                                    credit_pct=Decimal("10"))
+        add_usage(eps[LLAMA_8B], T0 + timedelta(days=2), 800_000_000, 0, probes=1000, probes_up=1000)
+        for day in range(1, 32):
+            sla_evaluate_tenant(tenant=tenant, window_end=T0 + timedelta(days=day), now=AFTER)
+        invoice = invoice_month(tenant=tenant, period_start=OCT, now=AFTER)
+        assert invoice.credits == 0 and not invoice.lines.filter(kind=LineKind.CREDIT).exists()
+
+    def test_a_tenant_starting_mid_month_owes_the_commitment_for_its_days_only(self):
+        # Service from Oct 21 (its first capacity): 11 of October's 31 days of a 310.00 minimum = 110.00.
+        tenant, eps = served_tenant(since=datetime(2026, 10, 21, 9, tzinfo=UTC))
+        Commitment.objects.create(book=tenant.plan.price_book, effective_from=date(2026, 9, 1),
+                                  monthly_minimum=Decimal("310.00"))
+        add_usage(eps[LLAMA_8B], datetime(2026, 10, 22, tzinfo=UTC), 800_000_000, 0)
+        invoice = invoice_month(tenant=tenant, period_start=OCT, now=AFTER)
+        top_up = invoice.lines.get(kind=LineKind.COMMITMENT)
+        assert top_up.amount == Decimal("110.00") - Decimal("40.00")
+        assert "prorated for 11 of 31 days" in top_up.description
+        september = invoice_month(tenant=tenant, period_start=date(2026, 9, 1), now=AFTER)
+        assert september.total == 0  # before its service started: nothing is owed
 
     def test_invoicing_a_tenant_month_twice_yields_one_invoice(self):
         tenant, eps = served_tenant()

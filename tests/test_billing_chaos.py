@@ -16,6 +16,7 @@ from portal.billing.selectors import as_utc, current_month, month_start, next_mo
 from portal.billing.tasks import invoice_tenant_month
 from portal.capacity.selectors import usage_for_tenant
 from portal.sla.models import SlaObjective, SlaPolicy, Sli, Window
+from portal.sla.services import sla_evaluate_tenant
 from portal.telemetry.models import UsageHour
 from tests.test_billing import LLAMA_8B, LLAMA_70B, served_tenant
 from tests.worker import celery_worker, wait_until
@@ -34,8 +35,7 @@ def _tenants(month):
     tenants = []
     for _ in range(TENANTS):
         tenant, eps = served_tenant(models=(LLAMA_8B, LLAMA_70B), since=start - timedelta(days=40))
-        # A mid-month price change: the 8B model gets two lines. An SLA with a credit: the month's histograms
-        # are merged for it, so each task does real work.
+        # A mid-month price change: the 8B model gets two lines. An SLA with a credit.
         ModelPrice.objects.create(book=tenant.plan.price_book, model_name=LLAMA_8B,
                                   effective_from=month + timedelta(days=14), input_per_mtok=Decimal("0.04"),
                                   output_per_mtok=Decimal("0.07"))
@@ -46,6 +46,9 @@ def _tenants(month):
             UsageHour(endpoint=ep, ts=start + timedelta(hours=h), prompt_tokens=rng.randrange(10**9),
                       generation_tokens=rng.randrange(10**8), requests_ok=100, probes=360, probes_up=360, ttft=TTFT)
             for ep in eps.values() for h in range(hours))
+        # Credits follow breached windows: the hour evaluated on the 10th breaches (TTFT p95 above 0.5 s).
+        (evaluation,) = sla_evaluate_tenant(tenant=tenant, window_end=start + timedelta(days=10))
+        assert evaluation.compliant is False
         tenants.append(tenant)
     return tenants
 

@@ -1,13 +1,15 @@
 """Writes for billing: price book versions, and computing, recomputing and issuing invoices.
 
-Invoice arithmetic (see selectors for the pricing rule):
+Invoice arithmetic (see selectors for the pricing rule; docs/economics.md, "Contract rules"):
   usage       = sum of the usage lines (one per model and price version, each rounded to the cent)
-  top-up      = max(0, minimum commitment in force on the month's first day - usage)
-  charges     = usage + top-up
-  SLA credits = per objective with a credit percentage that the month missed (the SLI measured over the whole
-                month, or the month so far for a draft): charges x credit % / 100, rounded to the cent; all credits
-                together never exceed the charges
-  total       = charges - credits = the sum of every line's amount
+  minimum     = the commitment in force on the month's first day, prorated by days for the month the tenant's
+                service starts in (from the day it first held capacity), rounded to the cent
+  top-up      = max(0, minimum - usage)
+  SLA credits = per objective with a credit percentage that breached in at least one of its evaluation windows
+                of the month (or of the month so far, for a draft): usage x credit % / 100, rounded to the cent.
+                Credits come off the usage charges only, never the top-up (a commitment is owed whatever the
+                service level); all credits together never exceed the usage
+  total       = usage + top-up - credits = the sum of every line's amount
 """
 
 from dataclasses import dataclass
@@ -38,8 +40,9 @@ from portal.billing.selectors import (
     priced_usage,
     to_cents,
 )
-from portal.sla.models import SLI_UNITS, Sli, sli_met
-from portal.sla.selectors import objectives_for_tenant, sli_readings
+from portal.capacity.models import Allocation
+from portal.sla.models import SLI_UNITS, Sli
+from portal.sla.selectors import objectives_for_tenant, sla_breached_windows
 from portal.tenants.models import Plan, Tenant
 
 
@@ -93,32 +96,59 @@ def invoice_compute(*, tenant: Tenant, book: PriceBook, period_start: date, now:
                                   output_tokens=group.output_tokens))
     usage = sum((line.amount for line in lines), Decimal("0.00"))
     commitment = commitment_in_force(book=book, on=period_start)
-    if commitment is not None and commitment.monthly_minimum > usage:
-        lines.append(ComputedLine(kind=LineKind.COMMITMENT, amount=commitment.monthly_minimum - usage,
-                                  description=f"Minimum monthly commitment of {book.currency} "
-                                              f"{commitment.monthly_minimum}: top-up"))
-    charges = sum((line.amount for line in lines), Decimal("0.00"))
-    lines += _credits(tenant=tenant, start=start, end=end, now=now, charges=charges)
+    if commitment is not None:
+        minimum, days = prorated_minimum(tenant=tenant, monthly_minimum=commitment.monthly_minimum,
+                                         period_start=period_start)
+        if minimum > usage:
+            of_month = "" if days is None else f", prorated for {days[0]} of {days[1]} days"
+            lines.append(ComputedLine(kind=LineKind.COMMITMENT, amount=minimum - usage,
+                                      description=f"Minimum monthly commitment of {book.currency} "
+                                                  f"{commitment.monthly_minimum}{of_month}: top-up"))
+    lines += _credits(tenant=tenant, start=start, end=end, now=now, usage=usage)
     return Computed(lines=lines, usage_through=end, unpriced=sorted(set(unpriced)))
 
 
-def _credits(*, tenant: Tenant, start: datetime, end: datetime, now: datetime, charges: Decimal) -> list[ComputedLine]:
+def service_start(*, tenant: Tenant) -> datetime | None:
+    """When the tenant's service began: the start of the first capacity it held."""
+    return Allocation.objects.filter(tenant=tenant).order_by("starts_at").values_list("starts_at", flat=True).first()
+
+
+def prorated_minimum(*, tenant: Tenant, monthly_minimum: Decimal,
+                     period_start: date) -> tuple[Decimal, tuple[int, int] | None]:
+    """The month's minimum commitment: whole for a month the tenant's service ran all of, by days (the days from
+    its start to the month's end, the start day included) for the month it started in, nothing before. Returns
+    (amount, (days charged, days in month) when prorated)."""
+    start = service_start(tenant=tenant)
+    days_in_month = (next_month(period_start) - period_start).days
+    if start is None or start.astimezone(UTC).date() >= next_month(period_start):
+        return Decimal("0.00"), (0, days_in_month)
+    first_day = start.astimezone(UTC).date()
+    if first_day <= period_start:
+        return monthly_minimum, None
+    days = (next_month(period_start) - first_day).days
+    return to_cents(monthly_minimum * days / days_in_month), (days, days_in_month)
+
+
+def _credits(*, tenant: Tenant, start: datetime, end: datetime, now: datetime, usage: Decimal) -> list[ComputedLine]:
+    """One credit per objective that breached in at least one evaluation window of [start, end), on the usage."""
     objectives = [o for o in objectives_for_tenant(tenant=tenant) if o.credit_pct > 0]
-    if not objectives or charges <= 0 or start >= end:
+    if not objectives or usage <= 0 or start >= end:
         return []
-    readings = sli_readings(tenant=tenant, start=start, end=end, now=now, slis={o.sli for o in objectives})
-    lines, remaining = [], charges
+    breached = sla_breached_windows(tenant=tenant, start=start, end=min(end, now), slis={o.sli for o in objectives})
+    lines, remaining = [], usage
     for objective in objectives:
-        value = readings[objective.sli].value
-        if value is None or sli_met(objective.sli, value, objective.target) or remaining <= 0:
+        windows = breached.get(objective.sli)
+        if not windows or remaining <= 0:
             continue
-        credit = min(to_cents(charges * objective.credit_pct / 100), remaining)
+        credit = min(to_cents(usage * objective.credit_pct / 100), remaining)
         remaining -= credit
+        unit = SLI_UNITS[Sli(objective.sli)]
         lines.append(ComputedLine(
             kind=LineKind.CREDIT, amount=-credit, sli=objective.sli,
-            description=(f"SLA credit {objective.credit_pct.normalize():f}%: {Sli(objective.sli).label} was "
-                         f"{value:.4g} {SLI_UNITS[Sli(objective.sli)]} over the month, target "
-                         f"{objective.target_label}")))
+            description=(f"SLA credit {objective.credit_pct.normalize():f}% of usage: {Sli(objective.sli).label} "
+                         f"breached its target {objective.target_label} in {windows.count} of {windows.total} "
+                         f"windows, first ending {windows.first:%Y-%m-%d %H:%M} UTC (worst {windows.worst:.4g} "
+                         f"{unit})")))
     return lines
 
 

@@ -93,10 +93,15 @@ def seed_billing(*, now: datetime | None = None) -> dict:
             if tenant is not None:
                 _policy(name, objectives, tenant=tenant)
         end = evaluation_window_end(now)
+        # Every hour of the last day, and each midnight since the first of last month: the windows the month's
+        # invoices credit (a credit needs a breached window) and the 7- and 30-day compliance views read.
+        ticks = [end - timedelta(hours=h) for h in range(EVALUATED_HOURS - 1, -1, -1)]
+        midnight = end.replace(hour=0)
+        ticks += [midnight - timedelta(days=d) for d in range((midnight.date() - last_month).days + 1)]
         evaluations = 0
         for tenant in Tenant.objects.filter(status=TenantStatus.ACTIVE).select_related("plan"):
-            for h in range(EVALUATED_HOURS - 1, -1, -1):
-                evaluations += len(sla_evaluate_tenant(tenant=tenant, window_end=end - timedelta(hours=h), now=now))
+            for tick in sorted(set(ticks)):
+                evaluations += len(sla_evaluate_tenant(tenant=tenant, window_end=tick, now=now))
         issued = drafts = 0
         for tenant in tenants_to_invoice().select_related("plan"):
             try:

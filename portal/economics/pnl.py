@@ -1,19 +1,23 @@
-"""Factory P&L for capital partners: per site and month, revenue (tokens x each tenant's price book), attributed
-cost, gross margin, utilization and allocation rate; and the payback of the site's GPU capex at its current run
-rate (the last 30 days' gross margin). Revenue and cost are compared only in the same currency: no FX here."""
+"""Factory P&L for capital partners: per site and month, revenue (exactly what the invoices charge, split by
+site: billing.revenue), attributed cost (the attribution tier: every GPU-hour on the books), gross margin,
+utilization and allocation rate; and the payback of the site's GPU capex at its current run rate (the last 30
+days' gross margin). Revenue and cost are compared only in the same currency: no FX here."""
 
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
-from django.db.models import Count, Sum
+from django.db.models import Sum
 from django.utils import timezone
 
-from portal.billing.selectors import PriceIndex, price_book_for_tenant
+from portal.billing.revenue import invoiced_by_site, usage_revenue_by_site
+from portal.billing.selectors import as_utc, next_month
+from portal.economics.costmodel import HOURS_PER_MONTH
 from portal.economics.models import CostHour
-from portal.economics.selectors import COST_SUMS, MILLION, Cost, deployment_sums
-from portal.fleet.models import Gpu, NodeStatus, Site
+from portal.economics.selectors import COST_SUMS, Cost, cost_of, deployment_sums
+from portal.fleet.models import Site
+from portal.fleet.selectors import gpus_on_books
 from portal.tenants.models import Tenant
 
 CENT = Decimal("0.01")
@@ -49,16 +53,30 @@ class PnlLine:
         return float(self.allocated_gpu_hours / self.cost.gpu_hours) if self.cost.gpu_hours else None
 
 
-def _month(ts: datetime) -> date:
+def _month(ts: datetime | date) -> date:
     return date(ts.year, ts.month, 1)
 
 
-def site_pnl(*, start: datetime, end: datetime, by_month: bool = True) -> list[PnlLine]:
-    """P&L lines per site (and month) over [start, end), from the attribution tier and the price books."""
+def _months(start: datetime, end: datetime) -> list[date]:
+    months, month = [], _month(start)
+    while as_utc(month) < end:
+        months.append(month)
+        month = next_month(month)
+    return months
+
+
+def billed_tenants():
+    return Tenant.objects.filter(plan__price_book__isnull=False).order_by("pk")
+
+
+def site_pnl(*, start: datetime, end: datetime, by_month: bool = True, now: datetime | None = None) -> list[PnlLine]:
+    """P&L lines per site (and month) over [start, end). By month, revenue is each tenant-month's invoice (issued,
+    or the draft as of now); over any other period, usage revenue rounded per line as invoices are."""
+    now = now or timezone.now()
     sites = {s.pk: s for s in Site.objects.all()}
     lines: dict[tuple[int, date | None], PnlLine] = {}
 
-    def line(site_id: int, ts: datetime) -> PnlLine:
+    def line(site_id: int, ts: datetime | date) -> PnlLine:
         key = (site_id, _month(ts) if by_month else None)
         if key not in lines:
             site = sites[site_id]
@@ -66,35 +84,28 @@ def site_pnl(*, start: datetime, end: datetime, by_month: bool = True) -> list[P
         return lines[key]
 
     for r in (CostHour.objects.filter(ts__gte=start, ts__lt=end).values("site_id", "tenant_id", "ts")
-              .annotate(**COST_SUMS)):
+              .annotate(**COST_SUMS).order_by()):
         pnl = line(r["site_id"], r["ts"])
-        pnl.cost.add(Cost(currency=pnl.site.currency, capex=r["c"], energy=r["e"], opex=r["o"], gpu_hours=r["g"],
-                          busy_gpu_hours=r["b"], energy_kwh=r["k"]))
+        pnl.cost.add(cost_of(pnl.site.currency, r))
         if r["tenant_id"] is not None:
-            pnl.allocated_gpu_hours += r["g"]
-    indexes: dict[int, tuple[str, PriceIndex] | None] = {}
+            pnl.allocated_gpu_hours += r["gpu_hours"]
+    for r in deployment_sums(start=start, end=end, group=("day", "deployment__node__site_id"),
+                             sums={"p": Sum("prompt_tokens"), "g": Sum("generation_tokens")}):
+        line(r["deployment__node__site_id"], r["day"]).cost.tokens += r["p"] + r["g"]
     revenue: dict[tuple[int, date | None], dict[str, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
-    rows = deployment_sums(
-        start=start, end=end, group=("day", "deployment__tenant_id", "deployment__model_name",
-                                     "deployment__node__site_id"),
-        sums={"p": Sum("prompt_tokens"), "g": Sum("generation_tokens")})
-    for r in rows:
-        pnl = line(r["deployment__node__site_id"], r["day"])
-        pnl.cost.tokens += r["p"] + r["g"]
-        tenant_id = r["deployment__tenant_id"]
-        if tenant_id not in indexes:
-            book = price_book_for_tenant(tenant=Tenant.objects.get(pk=tenant_id))
-            indexes[tenant_id] = (book.currency, PriceIndex(book)) if book else None
-        if indexes[tenant_id] is None:
-            continue
-        currency, index = indexes[tenant_id]
-        price = index.at(r["deployment__model_name"], r["day"].date())
-        if price is None:
-            continue
-        amount = (r["p"] * price.input_per_mtok + r["g"] * price.output_per_mtok) / MILLION
-        revenue[(pnl.site.pk, pnl.month if by_month else None)][currency] += amount
+    for tenant in billed_tenants():
+        periods = ([(month, invoiced_by_site(tenant=tenant, period_start=month, now=min(now, end)))
+                    for month in _months(start, end)] if by_month
+                   else [(start, usage_revenue_by_site(tenant=tenant, start=start, end=end, now=now))])
+        for when, found in periods:
+            if found is None:
+                continue
+            currency, by_site = found
+            for site_id, amount in by_site.items():
+                if site_id is not None and amount:
+                    revenue[(site_id, line(site_id, when).month if by_month else None)][currency] += amount
     for key, amounts in revenue.items():
-        lines[key].revenue = {c: a.quantize(CENT, rounding=ROUND_HALF_UP) for c, a in amounts.items()}
+        lines[key].revenue = dict(amounts)
     return sorted(lines.values(), key=lambda p: (p.site.name, p.month))
 
 
@@ -112,14 +123,15 @@ class Payback:
 
 
 def payback(*, now: datetime | None = None) -> list[Payback]:
-    """Months to pay back each site's installed GPU capex at the last 30 days' gross margin."""
+    """Months to pay back each site's GPU capex on the books at the last 30 days' gross margin."""
     now = now or timezone.now()
-    installed = dict(Gpu.objects.exclude(node__status=NodeStatus.DECOMMISSIONED).values_list("node__site_id")
-                     .annotate(n=Count("id")))
-    recent = {p.site.pk: p for p in site_pnl(start=now - timedelta(days=30), end=now, by_month=False)}
+    installed: dict[int, int] = defaultdict(int)
+    for gpu in gpus_on_books(start=now, end=now + timedelta(seconds=1)):
+        installed[gpu.site_id] += 1
+    recent = {p.site.pk: p for p in site_pnl(start=now - timedelta(days=30), end=now, by_month=False, now=now)}
     out = []
     for site in Site.objects.all():
         margin = recent[site.pk].margin if site.pk in recent else None
-        monthly = margin * Decimal("730.5") / Decimal(720) if margin is not None else None
+        monthly = margin * HOURS_PER_MONTH / Decimal(720) if margin is not None else None
         out.append(Payback(site=site, capex=site.gpu_capex * installed.get(site.pk, 0), monthly_margin=monthly))
     return out
