@@ -203,6 +203,8 @@ CELERY_BEAT_SCHEDULE = {
     "alerts-requeue-deliveries": {"task": "portal.alerts.tasks.requeue_stale_deliveries", "schedule": 300.0},
     # After the hour rollup (*/10) has folded in the hour that just ended.
     "sla-evaluate": {"task": "portal.sla.tasks.evaluate_slas", "schedule": crontab(minute=20)},
+    # After the hour rollup and attribution (*/10) and the drafts: the books of the month, checked hourly.
+    "economics-reconcile": {"task": "portal.economics.tasks.reconcile_books", "schedule": crontab(minute=35)},
     "billing-refresh-drafts": {"task": "portal.billing.tasks.refresh_drafts", "schedule": crontab(minute=25)},
     # Daily, so a missed run catches up; tenants already invoiced for last month are skipped.
     "billing-invoice-closed-month": {"task": "portal.billing.tasks.invoice_closed_month",

@@ -25,6 +25,7 @@ ALERT_KINDS = [
     ("sla_breach", "SLA breach"),
     ("quota", "Quota"),
     ("billing", "Billing"),
+    ("books", "Books"),
 ]
 
 

@@ -3,11 +3,16 @@ from decimal import Decimal
 from django import forms
 
 from portal.fleet.models import Site
+from portal.params import DayField
 
 
 class EconomicsPeriodForm(forms.Form):
     period = forms.ChoiceField(choices=[("7d", "7 days"), ("30d", "30 days"), ("90d", "90 days")], required=False)
     all = forms.BooleanField(required=False, help_text="Every deployment, not only the best and worst")
+
+
+class BooksForm(forms.Form):
+    month = DayField(required=False, input_formats=["%Y-%m"], help_text="YYYY-MM")
 
 
 class WhatIfForm(forms.Form):

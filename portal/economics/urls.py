@@ -8,4 +8,6 @@ urlpatterns = [
     path("", views.fleet_economics, name="fleet"),
     path("what-if/", views.what_if, name="what_if"),
     path("pnl/", views.pnl, name="pnl"),
+    path("books/", views.books, name="books"),
+    path("books/reattribute/", views.books_reattribute, name="books_reattribute"),
 ]

@@ -1,15 +1,24 @@
 from datetime import timedelta
 from decimal import Decimal
+from functools import partial
 
+from django.contrib import messages
+from django.db import transaction
 from django.http import HttpRequest, HttpResponse
-from django.shortcuts import render
+from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.utils import timezone
+from django.views.decorators.http import require_POST
 
-from portal.accounts.access import operator_required
+from portal.accounts.access import operator_admin_required, operator_required
+from portal.audit.services import audit_record
+from portal.billing.selectors import as_utc, month_start, next_month
 from portal.economics import charts
-from portal.economics.forms import EconomicsPeriodForm, WhatIfForm
+from portal.economics.books import books_reconcile, month_of
+from portal.economics.forms import BooksForm, EconomicsPeriodForm, WhatIfForm
 from portal.economics.pnl import payback, site_pnl
 from portal.economics.selectors import (
+    attributed_through,
     costs_by_currency,
     deployment_costs,
     deployment_ranking,
@@ -18,9 +27,10 @@ from portal.economics.selectors import (
     tenant_economics,
     utilization_vs_cost,
 )
+from portal.economics.tasks import reattribute_costs
 from portal.economics.whatif import scenario, site_model
 from portal.fleet.models import Site
-from portal.params import query_params
+from portal.params import cleaned_params, query_params
 
 RANKED = 25  # deployments shown by default; ?all=1 shows every one
 PERIODS = {"7d": ("7 days", timedelta(days=7)), "30d": ("30 days", timedelta(days=30)),
@@ -44,6 +54,7 @@ def fleet_economics(request: HttpRequest) -> HttpResponse:
         "periods": PERIODS,
         "sites": periods,
         "totals": costs_by_currency(periods),
+        "through": attributed_through(),
         "figures": {
             "cost_per_mtok": charts.cost_per_mtok_chart(periods),
             "breakdown": charts.cost_breakdown_chart(periods),
@@ -82,3 +93,25 @@ def pnl(request: HttpRequest) -> HttpResponse:
     first = (now.replace(day=1, hour=0, minute=0, second=0, microsecond=0) - timedelta(days=150)).replace(day=1)
     return render(request, "economics/pnl.html", {"lines": site_pnl(start=first, end=now),
                                                   "payback": payback(now=now)})
+
+
+@operator_required
+def books(request: HttpRequest) -> HttpResponse:
+    """The month's books, reconciled now: every invariant with what it checked and each break (an auditor's
+    first page)."""
+    month = query_params(request, BooksForm)["month"] or month_of(timezone.now())
+    return render(request, "economics/books.html", {"books": books_reconcile(month=month_start(month)),
+                                                    "form": BooksForm(request.GET)})
+
+
+@operator_admin_required
+@require_POST
+def books_reattribute(request: HttpRequest) -> HttpResponse:
+    """Re-attribute a month from history (in the background): attribution is a pure function of it, so this mends
+    rows left stale by a change recorded after its hours were attributed."""
+    month = month_start(cleaned_params(request.POST, BooksForm)["month"] or month_of(timezone.now()))
+    start, end = as_utc(month), min(as_utc(next_month(month)), timezone.now())
+    transaction.on_commit(partial(reattribute_costs.delay, start.isoformat(), end.isoformat()))
+    audit_record(actor=request.user, action="books.reattribute", target=f"{month:%B %Y}")
+    messages.success(request, f"Re-attributing {month:%B %Y} in the background; check the books again shortly.")
+    return redirect(f"{reverse('economics:books')}?month={month:%Y-%m}")
