@@ -36,10 +36,11 @@ from portal.fleet.models import (
     Site,
 )
 from portal.fleet.services import node_credential_issue
+from portal.hours import hour_floor, hours_between
 from portal.standards.services import baseline_set
 from portal.telemetry.bulk import insert_rows
 from portal.telemetry.models import GpuHour, GpuMinute, RollupWatermark, UsageHour, UsageMinute
-from portal.telemetry.rollups import rollup_site_hours
+from portal.telemetry.rollups import hours_from_minutes, rollup_site_hours
 from portal.telemetry.xid import XID_MEANINGS
 from portal.tenants.models import MemberRole, Membership, Tenant, TenantStatus
 
@@ -152,10 +153,10 @@ def seed_demo(*, now: datetime | None = None, days: int = 30, minute_hours: int 
                 other_opex_gpu_hour=spec.opex,
             )
             for hostname, model_key, mig in spec.nodes:
-                nodes.append(_node(site, hostname, model_key, mig, now))
+                nodes.append(_node(site, hostname, model_key, mig, now, installed=history_start(now, days)))
         endpoints = _endpoints(nodes, tenants, people[0], now, days)
-        _history(nodes, endpoints, now, days, minute_hours, rng)
         _unbillable_pilot(nodes, tenants["initech"], people[0], now)
+        _history(nodes, endpoints, now, days, minute_hours, rng)  # attributes every hour: after all allocations
         _health(nodes, people[0], now, rng)
         for slug, tokens_per_minute, gpus in (("acme", 6_000_000, 48), ("globex", 1_500_000, 40),
                                               ("initech", 2_000_000, 24), ("umbrella", 3_000_000, 24)):
@@ -167,6 +168,7 @@ def seed_demo(*, now: datetime | None = None, days: int = 30, minute_hours: int 
                          f"{engine}_version": version for engine, version in VERSIONS.items()})
         for name in ("minute", "hour"):
             RollupWatermark.objects.update_or_create(name=name, defaults={"stored_until": now})
+        RollupWatermark.objects.update_or_create(name="attribution", defaults={"stored_until": now})
         credentials = {node.hostname: node_credential_issue(node=node) for node in nodes}
     if agents_dir is not None:
         write_agent_configs(nodes, credentials, agents_dir, portal_url)
@@ -182,10 +184,10 @@ def _people() -> list[User]:
     return [operator, viewer]
 
 
-def _node(site: Site, hostname: str, model_key: str, mig: bool, now: datetime) -> Node:
+def _node(site: Site, hostname: str, model_key: str, mig: bool, now: datetime, installed: datetime) -> Node:
     model = GPU_MODELS[model_key]
     node = Node.objects.create(
-        site=site, hostname=hostname, status=NodeStatus.ONLINE, last_seen=now, simulated=True,
+        site=site, hostname=hostname, status=NodeStatus.ONLINE, last_seen=now, simulated=True, installed_at=installed,
         os="Ubuntu 22.04.5 LTS", kernel="5.15.0-126-generic", driver_version="590.48.01",
         cuda_driver_version="13.1", nvml_version="13.590.48.01", agent_version="0.1.0",
     )
@@ -195,6 +197,7 @@ def _node(site: Site, hostname: str, model_key: str, mig: bool, now: datetime) -
         node.save()
     gpus = Gpu.objects.bulk_create(
         Gpu(node=node, uuid=gpu_uuid(hostname, i), index=i, name=model.name, memory_total_mib=model.memory_mib,
+            installed_at=installed,
             power_limit_w=model.power_limit_w, mig_mode=bool(mig and mig_layout(i)),
             pci_bus_id=f"00000000:{0x18 + 0x11 * i:02X}:00.0")
         for i in range(8)
@@ -207,12 +210,18 @@ def _node(site: Site, hostname: str, model_key: str, mig: bool, now: datetime) -
     return node
 
 
+def history_start(now: datetime, days: int) -> datetime:
+    """The hour the demo factory's history begins: its nodes are installed, allocated and deployed then, so the
+    books count every GPU-hour from its first."""
+    return hour_floor(now - timedelta(days=days))
+
+
 def _endpoints(nodes: list[Node], tenants: dict[str, Tenant], operator: User,
                now: datetime, days: int) -> list[tuple[ServingEndpoint, int, int]]:
     """Each node serves one or two tenants' models on GPUs allocated to them (some nodes keep free capacity);
     returns (endpoint, GPUs it runs on, tokens/s per GPU)."""
     out = []
-    since = now - timedelta(days=days + 1)
+    since = history_start(now, days)
     for n, node in enumerate(nodes):
         picks = [MODELS[n % len(MODELS)]] if n % 3 else [MODELS[n % len(MODELS)], MODELS[(n + 2) % len(MODELS)]]
         gpus_each = 8 // len(picks)
@@ -288,16 +297,19 @@ def _health(nodes: list[Node], operator: User, now: datetime, rng: random.Random
 
 def _history(nodes, endpoints, now: datetime, days: int, minute_hours: int, rng: random.Random) -> None:
     gpus = list(Gpu.objects.filter(node__in=nodes).select_related("node"))
-    start_hour = (now - timedelta(days=days)).replace(minute=0)
-    hours = [start_hour + timedelta(hours=h) for h in range(days * 24 + 1) if start_hour + timedelta(hours=h) < now]
-    minutes = [now - timedelta(minutes=m) for m in range(minute_hours * 60, 0, -1)]
+    start_hour = history_start(now, days)
+    hours = hours_between(start_hour, now)
+    # The minute tier covers whole hours up to now, and the hour tier of those hours is rolled up from it as the
+    # rollup would; older hours are synthesised directly.
+    minute_start = max(start_hour, hour_floor(now - timedelta(hours=minute_hours)))
+    minutes = [minute_start + timedelta(minutes=m) for m in range(int((now - minute_start).total_seconds()) // 60)]
     day_noise = {d: rng.uniform(-1, 1) for d in range(days + 2)}
     noise = {h: 0.6 * day_noise[(now - h).days] + 0.4 * rng.uniform(-1, 1) for h in hours}
     hour_rows, minute_rows = [], []
     for gpu in gpus:
         model = GPU_MODELS["H100" if "H100" in gpu.name else "A100"]
         bias = rng.uniform(0.8, 1.1)
-        for ts in hours:
+        for ts in hours[:hours.index(minute_start)]:
             hour_rows.append(_gpu_row(gpu, model, ts, 3600.0, load_at(ts, noise[ts], now) * bias, rng))
         for ts in minutes:
             hour_key = ts.replace(minute=0)
@@ -316,15 +328,16 @@ def _history(nodes, endpoints, now: datetime, days: int, minute_hours: int, rng:
                                    "current_at"])
     usage_hours, usage_minutes = [], []
     for endpoint, gpu_count, tps in endpoints:
-        for ts in hours:
+        for ts in hours[:hours.index(minute_start)]:
             usage_hours.append(_usage_row(endpoint, ts, 3600, load_at(ts, noise[ts], now), gpu_count, tps, rng))
         for ts in minutes:
             load = load_at(ts, noise.get(ts.replace(minute=0), 0.0), now)
             usage_minutes.append(_usage_row(endpoint, ts, 60, load, gpu_count, tps, rng))
     insert_rows(UsageHour, usage_hours)
     insert_rows(UsageMinute, usage_minutes)
+    hours_from_minutes(node_ids=[n.pk for n in nodes], start=minute_start, end=now)
     rollup_site_hours(hours=hours)
-    cost_hours_attribute(hours=hours)
+    cost_hours_attribute(hours=hours, now=now)
 
 
 def _gpu_row(gpu: Gpu, model, ts: datetime, seconds: float, util: float, rng: random.Random):
