@@ -160,6 +160,7 @@ def test_the_node_charts_read_the_tier_of_their_range(operator_client):
     post(operator_client, batch_payload(seq=1, gpus=[gpu_payload(uuid=uuid, util=33.0)]), cred)
     gpu = Gpu.objects.get(uuid=uuid)
     now = datetime.now(tz=UTC)
+    now = now.replace(microsecond=now.microsecond // 1000 * 1000)  # whole milliseconds: the chart's unit
     GpuMinute.objects.create(gpu=gpu, ts=now - timedelta(hours=2), seconds=60, util_mean=44.0)
     GpuHour.objects.create(gpu=gpu, ts=now - timedelta(days=3), seconds=3600, util_mean=55.0)
 
