@@ -96,7 +96,8 @@ def _site_costs(start: datetime, end: datetime) -> tuple[Check, Check]:
             expected[(gpu.site_id, hour)]["kwh"] += kwh(energy.get((gpu.gpu_id, hour)) or 0)
             hour += HOUR
     stored = {(r["site_id"], r["ts"]): r for r in CostHour.objects.filter(ts__gte=start, ts__lt=end)
-              .values("site_id", "ts").annotate(g=Sum("gpu_hours"), c=Sum("capex"), o=Sum("opex"), e=Sum("energy"))
+              .values("site_id", "ts").annotate(gpu_hours_sum=Sum("gpu_hours"),
+                                                total=Sum(F("capex") + F("opex") + F("energy")))
               .order_by()}
     for key in sorted(set(expected) | set(stored), key=lambda k: (k[1], k[0])):
         site, hour = sites[key[0]], key[1]
@@ -110,16 +111,17 @@ def _site_costs(start: datetime, end: datetime) -> tuple[Check, Check]:
                                          "the month from this page"))
             continue
         if want is None:
-            capacity.breaks.append(Break(scope, f"{got['g']:.4f} GPU-hours", "cost for an hour in which the site "
-                                         "had no GPU on the books (a backdated allocation or a retired node)"))
+            capacity.breaks.append(Break(scope, f"{got['gpu_hours_sum']:.4f} GPU-hours",
+                                         "cost for an hour in which the site had no GPU on the books (a backdated "
+                                         "allocation or a retired node)"))
             continue
-        if abs(got["g"] - want["gpu_hours"]) > TOLERANCE:
-            capacity.breaks.append(Break(scope, f"{got['g'] - want['gpu_hours']:+.6f} GPU-hours",
+        if abs(got["gpu_hours_sum"] - want["gpu_hours"]) > TOLERANCE:
+            capacity.breaks.append(Break(scope, f"{got['gpu_hours_sum'] - want['gpu_hours']:+.6f} GPU-hours",
                                          "GPU-hours counted twice or not at all (inventory changed after the hour "
                                          "was attributed: re-attribute it)"))
         fixed = want["gpu_hours"] * (capex_per_gpu_hour(site) + site.other_opex_gpu_hour)
         expected_total = fixed + energy_cost(site, want["kwh"])
-        total = got["c"] + got["o"] + got["e"]
+        total = got["total"]
         if abs(total - expected_total) > TOLERANCE:
             cost.breaks.append(Break(scope, f"{site.currency} {total - expected_total:+.6f}",
                                      "the tenants' and idle rows do not add up to the site's cost: energy or the "
@@ -146,7 +148,7 @@ def _existence(start: datetime, end: datetime) -> Check:
                 hour += HOUR
     stored = {(site, tenant, ts): gpu_hours for site, tenant, ts, gpu_hours in (
         CostHour.objects.filter(ts__gte=start, ts__lt=end, tenant__isnull=False)
-        .values_list("site_id", "tenant_id", "ts").annotate(g=Sum("gpu_hours")).order_by())}
+        .values_list("site_id", "tenant_id", "ts").annotate(gpu_hours_sum=Sum("gpu_hours")).order_by())}
     # An hour never attributed is the capacity check's break, not one per tenant here.
     attributed = set(CostHour.objects.filter(ts__gte=start, ts__lt=end).values_list("site_id", "ts").distinct())
     sites = dict(Site.objects.values_list("pk", "name"))
@@ -181,7 +183,7 @@ def _existence(start: datetime, end: datetime) -> Check:
 def _tokens(month: date, start: datetime, end: datetime, now: datetime) -> Check:
     check = Check("tokens", "Per tenant: tokens in economics = tokens in usage = tokens invoiced")
     economics = dict(DeploymentHour.objects.filter(ts__gte=start, ts__lt=end).values_list("deployment__tenant_id")
-                     .annotate(t=Sum(F("prompt_tokens") + F("generation_tokens"))).order_by())
+                     .annotate(tokens=Sum(F("prompt_tokens") + F("generation_tokens"))).order_by())
     closed = as_utc(next_month(month)) <= now
     for tenant in billed_tenants():
         check.checked += 1

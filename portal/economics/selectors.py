@@ -146,8 +146,9 @@ def costs_by_currency(periods: list[SitePeriod]) -> dict[str, Cost]:
 def utilization_over(*, start: datetime, end: datetime) -> float | None:
     """Busy GPU-hours / GPU-hours on the books over the period, fleet-wide (a GPU that did not report counts as
     idle), from the attribution tier."""
-    agg = CostHour.objects.filter(ts__gte=start, ts__lt=end).aggregate(b=Sum("busy_gpu_hours"), g=Sum("gpu_hours"))
-    return float(agg["b"] / agg["g"]) if agg["g"] else None
+    total = CostHour.objects.filter(ts__gte=start, ts__lt=end).aggregate(busy=Sum("busy_gpu_hours"),
+                                                                         on_books=Sum("gpu_hours"))
+    return float(total["busy"] / total["on_books"]) if total["on_books"] else None
 
 
 def tokens_per_second_now(*, window: timedelta = timedelta(seconds=60), now: datetime | None = None) -> float:

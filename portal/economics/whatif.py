@@ -73,7 +73,7 @@ def site_model(*, site: Site, start: datetime, end: datetime) -> SiteModel | Non
     capacity = {r["ts"]: r for r in CostHour.objects.filter(site=site, ts__gte=start, ts__lt=end).values("ts")
                 .annotate(gpu_hours=Sum("gpu_hours"), busy=Sum("busy_gpu_hours"), kwh=Sum("energy_kwh")).order_by()}
     tokens = dict(SiteHour.objects.filter(site=site, ts__gte=start, ts__lt=end).values_list("ts").annotate(
-        t=Sum(F("prompt_tokens") + F("generation_tokens"))).order_by())
+        tokens=Sum(F("prompt_tokens") + F("generation_tokens"))).order_by())
     hours = [(ts, r) for ts, r in sorted(capacity.items()) if r["gpu_hours"] > 0]
     if len(hours) < 2:
         return None
