@@ -29,7 +29,10 @@ def main() -> int:
         print(f"Port {PORT} is in use; stop what runs there or set DEMO_PORT.", file=sys.stderr)
         return 1
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+    # As in production: DEBUG off (styled error pages, no settings on show), static files from whitenoise.
+    os.environ.setdefault("DEBUG", "0")
     run("migrate", "--noinput", "-v", "0")
+    run("collectstatic", "--noinput", "-v", "0")
     run("seed_demo", "--if-empty", "--portal-url", URL)
     var = Path(os.environ.get("TOKENMILL_VAR_DIR") or ROOT / "var")
     logs = var / "logs"
