@@ -149,9 +149,9 @@ def test_the_node_page_query_count_does_not_grow_with_history(operator_client):
                                         seconds=3600, util_mean=50) for g in Gpu.objects.values_list("pk", flat=True)
                                 for h in range(200))
     assert {key: _queries(operator_client, f"/fleet/nodes/{node.pk}/?range={key}") for key in counts} == counts
-    # the page's own reads, then the 30-day cost: where attribution has reached, the GPUs on the books, their
-    # hours, allocations, deployments, sites and the node's usage tiers
-    assert set(counts.values()) == {19}  # the 30-day cost is attributed hour by hour, as the books are
+    # the page's own reads (the newest batch among them), then the 30-day cost: where attribution has reached,
+    # the GPUs on the books, their hours, allocations, deployments, sites and the node's usage tiers
+    assert set(counts.values()) == {20}  # the 30-day cost is attributed hour by hour, as the books are
 
 
 def test_the_node_charts_read_the_tier_of_their_range(operator_client):
@@ -210,3 +210,25 @@ def test_the_economics_page_shows_each_currency(operator_client):
     usd_cost = page.context["totals"]["USD"].per_million_tokens
     assert f'data-testid="cost-per-mtok-USD">USD {usd_cost}</span>' in text
     assert page.context["figures"]["curve"]["data"][0]["x"] == [70.0]
+
+
+def test_the_fleet_tiles_count_what_the_pages_they_summarise_count(operator_client):
+    from portal.alerts.services import alert_acknowledge, alert_raise, alert_resolve
+    from portal.fleet.models import NodeStatus
+
+    at = timezone.now()
+    opened = [alert_raise(key=f"k{i}", kind="xid", severity="critical", title=f"XID {i}", at=at) for i in range(3)]
+    operator = operator_client.get("/fleet/").context["user"]
+    alert_acknowledge(alert_id=opened[1].pk, by=operator)
+    alert_resolve(alert_id=opened[2].pk, by=operator)
+    _fleet(2)
+    NodeFactory(status=NodeStatus.DECOMMISSIONED, site=Gpu.objects.first().node.site)  # history, not the fleet
+    page = operator_client.get("/fleet/")
+    headline = page.context["headline"]
+    tabs = operator_client.get("/alerts/").context["counts"]
+    assert (headline.alerts["open"], headline.alerts["acknowledged"]) == (tabs["open"], tabs["acknowledged"]) == (1, 1)
+    grid_gpus = sum(len(n.gpus) for site in page.context["grids"] for n in site.nodes)
+    assert headline.gpus_total == grid_gpus == 16
+    assert "decommissioned" not in headline.nodes_by_status
+    text = page.content.decode()
+    assert 'data-testid="open-alerts">1</a>' in text and "· 1 acknowledged" in text

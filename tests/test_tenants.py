@@ -12,6 +12,7 @@ from django.utils import timezone
 from portal.accounts.models import User
 from portal.audit.models import AuditEntry
 from portal.capacity.models import CapacityRequest, Quota
+from portal.capacity.selectors import tenant_usage_last_minute
 from portal.capacity.services import allocation_create, deployment_create, quota_set
 from portal.demo.tenants_seed import seed_tenants
 from portal.fleet.models import MigInstance, ServingEndpoint
@@ -578,14 +579,16 @@ class TestPortal:
         now = datetime(2026, 3, 15, 12, 30, 20, tzinfo=UTC)
         _, ep = deployment_with_endpoint(self.tenant, active_from=datetime(2026, 2, 1, tzinfo=UTC))
         quota_set(tenant=self.tenant, tokens_per_minute=1000, gpus=2)
-        usage(UsageMinute, ep, datetime(2026, 3, 15, 12, 29, tzinfo=UTC), 200, 100)
+        # The last complete, rolled-up minute at 12:30:20 is 12:28, the one the quota is checked on.
+        usage(UsageMinute, ep, datetime(2026, 3, 15, 12, 28, tzinfo=UTC), 200, 100)
         usage(UsageMinute, ep, datetime(2026, 3, 15, 12, 5, tzinfo=UTC), 150, 50)
         usage(UsageHour, ep, datetime(2026, 3, 15, 11, tzinfo=UTC), 700, 300)
         usage(UsageHour, ep, datetime(2026, 3, 14, 10, tzinfo=UTC), 4000, 1000)
         usage(UsageHour, ep, datetime(2026, 2, 28, 10, tzinfo=UTC), 6000, 1000)
         overview = tenant_overview(tenant=self.tenant, now=now)
         assert (overview.tokens_today, overview.tokens_month, overview.tokens_last_minute) == (1500, 6500, 300)
-        assert overview.minute == datetime(2026, 3, 15, 12, 29, tzinfo=UTC)
+        assert overview.minute == datetime(2026, 3, 15, 12, 28, tzinfo=UTC)
+        assert overview.tokens_last_minute == tenant_usage_last_minute(tenant=self.tenant, now=now)
         assert (overview.tokens_per_minute_quota, overview.minute_share) == (1000, 0.3)
         assert (overview.gpus_held, overview.gpus_quota, overview.gpu_share) == (1.0, 2, 0.5)
 

@@ -222,11 +222,16 @@ def tenant_gpus_held(*, tenant: Tenant, at: datetime | None = None) -> float:
     return sum(a.gpu_share for a in held)
 
 
+def last_complete_minute(*, now: datetime) -> datetime:
+    """The start of the last complete, rolled-up minute: the one quotas are checked on and the tenant sees."""
+    return now.replace(second=0, microsecond=0) - timedelta(minutes=2)
+
+
 def tenant_usage_last_minute(*, tenant: Tenant, now: datetime | None = None) -> int:
     """Tokens (input + output) the tenant used in the last complete, rolled-up minute."""
     now = now or timezone.now()
-    end = now.replace(second=0, microsecond=0) - timedelta(minutes=1)
-    return sum(line.tokens for line in usage_for_tenant(tenant=tenant, start=end - timedelta(minutes=1), end=end,
+    start = last_complete_minute(now=now)
+    return sum(line.tokens for line in usage_for_tenant(tenant=tenant, start=start, end=start + timedelta(minutes=1),
                                                         by_day=False, now=now))
 
 

@@ -6,8 +6,10 @@ from django.db.models import Avg, Count, Max, Prefetch, Q, QuerySet, Sum
 from django.utils import timezone
 
 from portal.alerts.models import Alert
+from portal.alerts.selectors import alert_state_counts
 from portal.capacity.selectors import allocations_at
 from portal.fleet.models import EnrollmentToken, Gpu, HealthEvent, MigInstance, Node, NodeStatus, Site
+from portal.telemetry.models import IngestedBatch
 from portal.telemetry.selectors import StoreQueue, store_queue
 
 
@@ -48,7 +50,7 @@ class FleetHeadline:
     util_now: float | None
     power_now_kw: float | None
     nodes_by_status: dict[str, int]
-    open_alerts: int
+    alerts: dict[str, int]  # per state, as the alerts page's tabs count them (alerts.selectors)
     store_queue: StoreQueue
 
 
@@ -61,20 +63,22 @@ class SiteGrid:
 def fleet_headline(*, now: datetime | None = None) -> FleetHeadline:
     now = now or timezone.now()
     online = Q(node__status=NodeStatus.ONLINE)
-    gpu = Gpu.objects.aggregate(
+    # The fleet in service: what the grid and the capacity page show (decommissioned nodes are history).
+    gpu = Gpu.objects.exclude(node__status=NodeStatus.DECOMMISSIONED).filter(retired_at__isnull=True).aggregate(
         total=Count("id"),
         online=Count("id", filter=online),
         util=Avg("current_util", filter=online),
         power=Sum("current_power_w", filter=online),
     )
-    statuses = dict(Node.objects.values_list("status").annotate(n=Count("id")))
+    statuses = dict(Node.objects.exclude(status=NodeStatus.DECOMMISSIONED).values_list("status")
+                    .annotate(n=Count("id")))
     return FleetHeadline(
         gpus_total=gpu["total"],
         gpus_online=gpu["online"],
         util_now=gpu["util"],
         power_now_kw=gpu["power"] / 1000 if gpu["power"] is not None else None,
         nodes_by_status=statuses,
-        open_alerts=Alert.objects.filter(resolved_at__isnull=True).count(),
+        alerts=alert_state_counts(),
         store_queue=store_queue(),
     )
 
@@ -147,6 +151,12 @@ def node_detail(*, node_id: int) -> Node:
         Prefetch("gpus", queryset=Gpu.objects.order_by("index").prefetch_related("mig_instances")),
         "endpoints",
     ).get(pk=node_id)
+
+
+def node_last_batch(*, node_id: int) -> datetime | None:
+    """When the node's newest batch arrived: what offline detection reads (Node.last_seen is written at most once
+    a minute)."""
+    return IngestedBatch.objects.filter(node_id=node_id).aggregate(last=Max("received_at"))["last"]
 
 
 def node_health_events(*, node: Node, since: timedelta = timedelta(days=7), limit: int = 50) -> QuerySet[HealthEvent]:

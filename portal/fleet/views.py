@@ -28,6 +28,7 @@ from portal.fleet.selectors import (
     gpu_models,
     node_detail,
     node_health_events,
+    node_last_batch,
     recent_enrollment_tokens,
 )
 from portal.fleet.services import enrollment_token_create
@@ -89,6 +90,7 @@ def node_page(request: HttpRequest, node_id: int) -> HttpResponse:
     if request.htmx:
         return render(request, "fleet/node.html#charts", context)
     context["events"] = node_health_events(node=node)
+    context["last_batch"] = node_last_batch(node_id=node.pk)
     context["cost_through"] = attributed_through()
     context["cost_30d"] = node_cost(node=node, start=now - timedelta(days=30), end=now,
                                     through=context["cost_through"])

@@ -13,9 +13,11 @@ from portal.capacity.models import CapacityRequest, Deployment, Quota
 from portal.capacity.selectors import (
     UsageLine,
     deployment_windows,
+    last_complete_minute,
     tenant_allocations,
     tenant_capacity_requests,
     tenant_deployments,
+    tenant_usage_last_minute,
     usage_for_tenant,
     usage_rows,
 )
@@ -143,18 +145,15 @@ def tenant_overview(*, tenant: Tenant, now: datetime | None = None) -> Overview:
     now = now or timezone.now()
     day = now.replace(hour=0, minute=0, second=0, microsecond=0)
     month = day.replace(day=1)
-    minute = now.replace(second=0, microsecond=0) - timedelta(minutes=1)
     month_lines = usage_for_tenant(tenant=tenant, start=month, end=now, by_day=True, now=now)
-    last_minute = usage_for_tenant(tenant=tenant, start=minute, end=minute + timedelta(minutes=1), by_day=False,
-                                   now=now)
     quota = Quota.objects.filter(tenant=tenant).first()
     held = sum(a.gpu_share for a in tenant_allocations(tenant=tenant, at=now) if a.starts_at <= now)
     return Overview(
         tokens_today=_tokens([ln for ln in month_lines if ln.day and ln.day >= day]),
         tokens_month=_tokens(month_lines),
         requests_month=sum(ln.requests_ok + ln.requests_failed for ln in month_lines),
-        minute=minute,
-        tokens_last_minute=_tokens(last_minute),
+        minute=last_complete_minute(now=now),  # the minute the quota is checked on
+        tokens_last_minute=tenant_usage_last_minute(tenant=tenant, now=now),
         tokens_per_minute_quota=quota.tokens_per_minute if quota else None,
         gpus_held=round(held, 3),
         gpus_quota=quota.gpus if quota else None,
