@@ -173,6 +173,28 @@ class TestPages:
         assert page.context["compliance"].open_breaches == 0
         assert client.get(f"/tenant/{tenant.slug}/sla/?days=5").status_code == 400
 
+    def test_a_credit_shows_only_beside_an_objective_with_a_breached_window_this_month(self, client):
+        tenant, eps = served_tenant()
+        p = policy(tenant.plan, ttft_p95=("0.5", Window.HOUR), error_rate=("1", Window.HOUR))
+        p.objectives.update(credit_pct=Decimal("10"))
+        now = timezone.now().replace(minute=0, second=0, microsecond=0)
+        for h in (3, 2, 1):
+            usage(eps[LLAMA_8B], now - timedelta(hours=h), ttft=[0.2] * 100 if h != 2 else [2.0] * 100, ok=100)
+            sla_evaluate_tenant(tenant=tenant, window_end=now - timedelta(hours=h - 1))
+        client.login(username=MembershipFactory(tenant=tenant).user.username, password=PASSWORD)
+        page = client.get(f"/tenant/{tenant.slug}/sla/")
+        text = page.content.decode()
+        breach_end = now - timedelta(hours=1)
+        in_month = [w for w in (now - timedelta(hours=h - 1) for h in (3, 2, 1)) if w > now.replace(day=1, hour=0)]
+        statuses = {st.objective.sli: st for st in page.context["compliance"].statuses}
+        ttft, errors = statuses["ttft_p95"], statuses["error_rate"]
+        assert errors.credit_due is None and "none: every window met (10% on a breach)" in text
+        if breach_end > now.replace(day=1, hour=0):  # the breached window ended this month
+            assert (ttft.credit_due.count, ttft.credit_due.total) == (1, len(in_month))
+            assert f"1 of {len(in_month)} window" in text and f"first {breach_end:%Y-%m-%d %H:%M}" in text
+        else:
+            assert ttft.credit_due is None
+
     def test_tenants_see_only_their_own_compliance(self, client):
         tenant, _ = served_tenant()
         other, _ = served_tenant()

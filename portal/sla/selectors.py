@@ -132,6 +132,9 @@ class SliStatus:
     latest: SlaEvaluation | None
     windows: int = 0
     met: int = 0
+    # This month's windows that breached, when any did: the credit the month's invoice carries (billing reads the
+    # same sla_breached_windows).
+    credit_due: BreachedWindows | None = None
 
     @property
     def met_share(self) -> float | None:
@@ -162,12 +165,16 @@ def tenant_compliance(*, tenant: Tenant, since: datetime, until: datetime | None
     series: dict[str, list[SlaEvaluation]] = defaultdict(list)
     for evaluation in evaluations.order_by("window_end"):
         series[evaluation.sli].append(evaluation)
+    now = until or timezone.now()
+    month = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    breached = sla_breached_windows(tenant=tenant, start=month, end=now, slis={o.sli for o in objectives})
     statuses = []
     for objective in objectives:
         rows = series.get(objective.sli, [])
         measured = [e for e in rows if e.compliant is not None]
         statuses.append(SliStatus(objective=objective, latest=rows[-1] if rows else None, windows=len(measured),
-                                  met=sum(1 for e in measured if e.compliant)))
+                                  met=sum(1 for e in measured if e.compliant),
+                                  credit_due=breached.get(objective.sli) if objective.credit_pct else None))
     breaches = list(SlaBreach.objects.filter(tenant=tenant).exclude(ended_at__lt=since).order_by("-started_at"))
     return Compliance(tenant=tenant, policy=policy, statuses=statuses, series=dict(series), breaches=breaches)
 
