@@ -193,6 +193,15 @@ CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+# Work that can take seconds to minutes (re-attribution, invoicing, SLA evaluation, the books, provisioning over
+# SSH) runs on its own queue, so rollups, offline detection and alerts never wait behind it. Run one worker per
+# queue (`-Q celery` with beat, `-Q long`), as `make demo` does.
+CELERY_TASK_ROUTES = {
+    "portal.economics.tasks.*": {"queue": "long"},
+    "portal.billing.tasks.*": {"queue": "long"},
+    "portal.sla.tasks.*": {"queue": "long"},
+    "portal.provisioning.tasks.*": {"queue": "long"},
+}
 CELERY_BEAT_SCHEDULE = {
     "telemetry-rollup-minutes": {"task": "portal.telemetry.tasks.rollup_minutes", "schedule": 60.0},
     "telemetry-rollup-hours": {"task": "portal.telemetry.tasks.rollup_hours", "schedule": crontab(minute="*/10")},
@@ -205,6 +214,8 @@ CELERY_BEAT_SCHEDULE = {
     "sla-evaluate": {"task": "portal.sla.tasks.evaluate_slas", "schedule": crontab(minute=20)},
     # After the hour rollup and attribution (*/10) and the drafts: the books of the month, checked hourly.
     "economics-reconcile": {"task": "portal.economics.tasks.reconcile_books", "schedule": crontab(minute=35)},
+    # Re-attribution is queued on each change; this catches a run whose message was lost (a purged broker).
+    "economics-reattribute-pending": {"task": "portal.economics.tasks.reattribute_pending", "schedule": 300.0},
     "billing-refresh-drafts": {"task": "portal.billing.tasks.refresh_drafts", "schedule": crontab(minute=25)},
     # Daily, so a missed run catches up; tenants already invoiced for last month are skipped.
     "billing-invoice-closed-month": {"task": "portal.billing.tasks.invoice_closed_month",

@@ -40,8 +40,12 @@ def main() -> int:
     commands = {
         "portal": [str(BIN / "gunicorn"), "portal.wsgi", "--bind", f"127.0.0.1:{PORT}", "--workers", "2",
                    "--threads", "4", "--access-logfile", "-"],
+        # Two workers: the default queue (rollups, offline detection, alerts; beat embedded) never waits behind
+        # the long one (re-attribution, invoices, SLA evaluation, the books, provisioning).
         "worker": [str(BIN / "celery"), "-A", "portal", "worker", "--beat", "--pool", "solo", "--loglevel", "INFO",
-                   "--schedule", str(var / "celerybeat-schedule")],
+                   "-Q", "celery", "-n", "default@%h", "--schedule", str(var / "celerybeat-schedule")],
+        "worker-long": [str(BIN / "celery"), "-A", "portal", "worker", "--pool", "solo", "--loglevel", "INFO",
+                        "-Q", "long", "-n", "long@%h"],
         "store": [str(BIN / "python"), "manage.py", "store_batches"],
     }
     for config in sorted((var / "agents").glob("*/agent.toml")):
@@ -71,7 +75,7 @@ Logs: {logs}. Ctrl-C stops everything.
     try:
         while not stopping:
             for name, child in children.items():
-                if child.poll() is not None and name in ("portal", "worker", "store"):
+                if child.poll() is not None and name in ("portal", "worker", "worker-long", "store"):
                     print(f"{name} exited ({child.returncode}); see {logs / (name + '.log')}", file=sys.stderr)
                     stopping = True
             time.sleep(0.5)

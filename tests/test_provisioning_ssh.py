@@ -46,17 +46,18 @@ echo "/dev/nvme0n1p2   102687672 102585272    102400     100% /"
 @contextlib.contextmanager
 def provisioning_tasks_to(queue: str):
     """Send the provisioning tasks to the test worker's own queue. Celery builds its router once per app (at the
-    first task sent by any test), so it is rebuilt after the routes change, and again when they are reset."""
+    first task sent by any test), so it is rebuilt after the routes change, and again when they are restored."""
     def apply(routes):
         celery_app.conf.task_routes = routes
         celery_app.amqp.flush_routes()
         celery_app.amqp.router = celery_app.amqp.Router()
 
-    apply({"portal.provisioning.tasks.*": {"queue": queue}})
+    configured = celery_app.conf.task_routes
+    apply({**(configured or {}), "portal.provisioning.tasks.*": {"queue": queue}})
     try:
         yield
     finally:
-        apply(None)
+        apply(configured)
 
 
 def kill_agent(install_dir: Path) -> None:

@@ -15,7 +15,7 @@ from portal.capacity.models import (
     RequestStatus,
 )
 from portal.capacity.selectors import deployments_unbillable, tenant_gpus_held, tenant_usage_last_minute
-from portal.economics.tasks import reattribute_costs
+from portal.economics.reattribution import reattribution_request
 from portal.fleet.models import Gpu, MigInstance, Node, ScrapeTarget
 from portal.fleet.services import node_set_scrape_targets
 from portal.tenants.models import Tenant, TenantStatus
@@ -74,10 +74,7 @@ def _check_on_books(gpu: Gpu, starts_at: datetime, ends_at: datetime | None) -> 
 
 def _reattribute_past(start: datetime, end: datetime | None) -> None:
     """An allocation change that reaches into the past changes who paid for those hours: recompute them."""
-    now = timezone.now()
-    if start < now:
-        span = (start.isoformat(), min(end or now, now).isoformat())
-        transaction.on_commit(lambda: reattribute_costs.delay(*span))
+    reattribution_request(start=start, end=end)
 
 
 def allocation_end(*, allocation: Allocation, at: datetime | None = None) -> Allocation | None:

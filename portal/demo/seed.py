@@ -23,6 +23,7 @@ from portal.capacity.models import Allocation
 from portal.capacity.services import allocation_create, deployment_create, deployments_check_billable, quota_set
 from portal.demo.billing_seed import seed_billing
 from portal.demo.tenants_seed import seed_tenants
+from portal.economics.models import PendingAttribution
 from portal.economics.services import cost_hours_attribute
 from portal.fleet.models import (
     Gpu,
@@ -338,6 +339,8 @@ def _history(nodes, endpoints, now: datetime, days: int, minute_hours: int, rng:
     hours_from_minutes(node_ids=[n.pk for n in nodes], start=minute_start, end=now)
     rollup_site_hours(hours=hours)
     cost_hours_attribute(hours=hours, now=now)
+    # Every hour is attributed from the whole seeded history: what the seeding's allocations queued is done.
+    PendingAttribution.objects.all().delete()
 
 
 def _gpu_row(gpu: Gpu, model, ts: datetime, seconds: float, util: float, rng: random.Random):

@@ -66,3 +66,16 @@ class DeploymentDay(_DeploymentPeriod):
 
     def __str__(self) -> str:
         return f"deployment {self.deployment_id} on {self.ts:%Y-%m-%d}"
+
+
+class PendingAttribution(models.Model):
+    """A range of past hours whose attribution a change made stale (an allocation or deployment reaching into the
+    past, a decommissioning, an operator's request). Requests are merged: one background run re-attributes the
+    union of every pending range, however many changes asked for it."""
+
+    start = models.DateTimeField()
+    end = models.DateTimeField()
+    requested_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.start:%Y-%m-%d %H:%M} to {self.end:%Y-%m-%d %H:%M}"

@@ -1,9 +1,7 @@
 from datetime import timedelta
 from decimal import Decimal
-from functools import partial
 
 from django.contrib import messages
-from django.db import transaction
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
@@ -17,6 +15,7 @@ from portal.economics import charts
 from portal.economics.books import books_reconcile, month_of
 from portal.economics.forms import BooksForm, EconomicsPeriodForm, WhatIfForm
 from portal.economics.pnl import payback, site_pnl
+from portal.economics.reattribution import reattribution_request
 from portal.economics.selectors import (
     attributed_through,
     costs_by_currency,
@@ -27,7 +26,6 @@ from portal.economics.selectors import (
     tenant_economics,
     utilization_vs_cost,
 )
-from portal.economics.tasks import reattribute_costs
 from portal.economics.whatif import scenario, site_model
 from portal.fleet.models import Site
 from portal.params import cleaned_params, query_params
@@ -110,8 +108,7 @@ def books_reattribute(request: HttpRequest) -> HttpResponse:
     """Re-attribute a month from history (in the background): attribution is a pure function of it, so this mends
     rows left stale by a change recorded after its hours were attributed."""
     month = month_start(cleaned_params(request.POST, BooksForm)["month"] or month_of(timezone.now()))
-    start, end = as_utc(month), min(as_utc(next_month(month)), timezone.now())
-    transaction.on_commit(partial(reattribute_costs.delay, start.isoformat(), end.isoformat()))
+    reattribution_request(start=as_utc(month), end=as_utc(next_month(month)))
     audit_record(actor=request.user, action="books.reattribute", target=f"{month:%B %Y}")
     messages.success(request, f"Re-attributing {month:%B %Y} in the background; check the books again shortly.")
     return redirect(f"{reverse('economics:books')}?month={month:%Y-%m}")
