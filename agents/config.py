@@ -43,6 +43,11 @@ class SimulateConfig:
     # Endpoints this simulated node serves without any token counter (as Dynamo's TensorRT-LLM worker of January
     # 2026 does): they answer, count requests, and are reported unbillable.
     unbillable: tuple[str, ...] = ()
+    # The GPUs that serve a deployment (the rest idle); None: every GPU serves when the node has targets.
+    serving_gpus: tuple[int, ...] | None = None
+    # Generation tokens/s at full load per endpoint URL (the demo seed sets it from the model and the GPUs held);
+    # an endpoint not listed draws its own (agents.loadmodel.endpoint_profile).
+    capacity: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,8 @@ def _target(raw: Any, where: str) -> Target:
 def _simulate(raw: Any) -> SimulateConfig:
     if not isinstance(raw, dict):
         raise ConfigError("[simulate] must be a table")
-    unknown = set(raw) - {"gpus", "gpu_model", "mig", "seed", "load", "driver_version", "unbillable"}
+    unknown = set(raw) - {"gpus", "gpu_model", "mig", "seed", "load", "driver_version", "unbillable", "serving_gpus",
+                          "capacity"}
     if unknown:
         raise ConfigError(f"[simulate]: unknown keys {sorted(unknown)}")
     sim = SimulateConfig(
@@ -100,8 +106,16 @@ def _simulate(raw: Any) -> SimulateConfig:
         load=float(raw.get("load", 0.6)),
         driver_version=str(raw.get("driver_version", SimulateConfig.driver_version)),
         unbillable=tuple(str(url) for url in raw.get("unbillable", ())),
+        serving_gpus=None if "serving_gpus" not in raw else tuple(int(i) for i in raw["serving_gpus"]),
+        capacity=_capacity(raw.get("capacity", {})),
     )
     return _check_sim(sim)
+
+
+def _capacity(raw: Any) -> tuple[tuple[str, float], ...]:
+    if not isinstance(raw, dict) or not all(isinstance(v, int | float) and v >= 0 for v in raw.values()):
+        raise ConfigError("[simulate.capacity] must map endpoint URLs to tokens per second (>= 0)")
+    return tuple(sorted((str(url), float(tps)) for url, tps in raw.items()))
 
 
 def _check_sim(sim: SimulateConfig) -> SimulateConfig:

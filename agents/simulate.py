@@ -8,7 +8,6 @@ ids 2/3/9/10; A100-SXM4-80GB: 81920 MiB, 400 W, SM 210 -> 1410 MHz, memory clock
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 import time
@@ -20,6 +19,24 @@ from typing import Any
 from agents.config import SimulateConfig, Target
 from agents.engine_specs import DIALECTS
 from agents.engines import EndpointReading, Hist, ModelReading
+from agents.loadmodel import (
+    E2E_LE,
+    FAILED_SHARE,
+    GEN_TOKENS_PER_REQUEST,
+    ITL_LE,
+    SIGMA,
+    TTFT_LE,
+    LoadCurve,
+    endpoint_profile,
+    gpu_factor,
+    gpu_util,
+    lognormal_hist,
+    memory_used_mib,
+    mig_memory_used_mib,
+    power_w,
+    stable,
+    temperature_c,
+)
 
 MIB = 1024 * 1024
 _NS = uuidlib.UUID("5b0c5a8e-6f7e-4d59-9a57-3d4f3d1f7a10")
@@ -59,32 +76,8 @@ XID_RATE_PER_GPU_S = 1.0 / (8 * 4 * 3600)  # an 8-GPU node sees about one XID ev
 CUDA_BY_DRIVER_BRANCH = {"590": 13010, "580": 13000, "570": 12080, "560": 12060, "550": 12040, "535": 12020}
 
 
-def _stable(*parts: object) -> int:
-    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "big")
-
-
 def gpu_uuid(hostname: str, index: int) -> str:
     return f"GPU-{uuidlib.uuid5(_NS, f'{hostname}/{index}')}"
-
-
-def daily_shape(hour_utc: float) -> float:
-    """0.2 at 04:00 UTC, 1.0 at 16:00 UTC."""
-    return 0.2 + 0.8 * (0.5 - 0.5 * math.cos(2 * math.pi * (hour_utc - 4.0) / 24.0))
-
-
-class LoadCurve:
-    def __init__(self, sim: SimulateConfig, salt: str = ""):
-        self.sim, self.salt = sim, salt
-
-    def _noise(self, bucket: int) -> float:
-        return random.Random(_stable(self.sim.seed, self.salt, bucket)).uniform(-1.0, 1.0)
-
-    def __call__(self, t: float) -> float:
-        hour = (t % 86400.0) / 3600.0
-        pos = t / 300.0
-        b = math.floor(pos)
-        noise = self._noise(b) + (self._noise(b + 1) - self._noise(b)) * (pos - b)
-        return max(0.0, min(1.0, self.sim.load * daily_shape(hour) * (1.0 + 0.1 * noise)))
 
 
 class _Gpu:
@@ -92,9 +85,9 @@ class _Gpu:
         self.index, self.model = index, model
         self.uuid = gpu_uuid(hostname, index)
         self.pci = f"00000000:{PCI_BUSES[index % 8] + 0x100 * (index // 8) & 0xFF:02X}:00.0"
-        self.rng = random.Random(_stable(sim.seed, hostname, index))
-        self.factor = self.rng.uniform(0.85, 1.0)
-        self.serving = serving
+        self.rng = random.Random(stable(sim.seed, hostname, index))
+        self.factor = gpu_factor(sim.seed, hostname, index)
+        self.serving = serving if sim.serving_gpus is None else index in sim.serving_gpus
         self.mig = None
         if sim.mig and index % 4 == 3:
             layout = MIG_LAYOUTS[(index // 4 + sim.seed) % len(MIG_LAYOUTS)]
@@ -131,7 +124,7 @@ class SimNvml:
         now = clock()
         self._gpus = [_Gpu(i, hostname, self.model, sim, serving, now) for i in range(sim.gpus)]
         self._events: list[Any] = []
-        self._xid_rng = random.Random(_stable(sim.seed, hostname, "xid"))
+        self._xid_rng = random.Random(stable(sim.seed, hostname, "xid"))
 
     def _err(self, code: int):
         return self._pynvml.NVMLError(code)
@@ -144,13 +137,12 @@ class SimNvml:
             return g
         g.t = now
         m = self.model
-        load = self.load(now)
-        g.util = max(0.0, min(100.0, 100.0 * load * g.factor + g.rng.gauss(0, 3.0))) if load > 0.01 else 0.0
-        target_w = m.idle_w + (m.power_limit_w * 0.93 - m.idle_w) * (g.util / 100.0) ** 0.85
+        expected = gpu_util(self.load(now), g.factor, g.serving)  # agents.loadmodel; sampling noise on top
+        g.util = max(0.0, min(100.0, expected + g.rng.gauss(0, 3.0))) if expected else 0.0
+        target_w = power_w(m.idle_w, m.power_limit_w, g.util)
         g.power = max(m.idle_w * 0.9, min(m.power_limit_w, target_w + g.rng.gauss(0, 6.0)))
         g.energy_mj += int(g.power * dt * 1000.0)
-        target_t = 34.0 + 32.0 * g.util / 100.0
-        g.temp += (target_t - g.temp) * (1.0 - math.exp(-dt / 60.0))
+        g.temp += (temperature_c(g.util) - g.temp) * (1.0 - math.exp(-dt / 60.0))
         g.reasons = 0x1 if g.util < 1.0 else (0x4 if g.power >= 0.97 * m.power_limit_w else 0)
         if self._xid_rng.random() < dt * XID_RATE_PER_GPU_S:
             codes, weights = zip(*XIDS, strict=True)
@@ -224,13 +216,13 @@ class SimNvml:
 
     def nvmlDeviceGetMemoryInfo(self, h):
         if isinstance(h, _Mig):
-            used = int(h.mem_mib * (0.85 if h.parent.serving else 0.02 * h.parent.util / 100.0 + 0.001))
+            used = mig_memory_used_mib(h.mem_mib, h.parent.serving)
             return SimpleNamespace(total=h.mem_mib * MIB, used=used * MIB, free=(h.mem_mib - used) * MIB)
         g = self._gpu(h)
         total = self.model.memory_mib
-        used = int(total * 0.88) if g.serving else int(total * 0.2 * g.util / 100.0)
+        used = memory_used_mib(total, g.serving)
         if g.mig:
-            used = sum(int(m.mem_mib * (0.85 if g.serving else 0.0)) for m in g.mig)
+            used = sum(mig_memory_used_mib(m.mem_mib, g.serving) for m in g.mig)
         return SimpleNamespace(total=total * MIB, used=used * MIB, free=(total - used) * MIB)
 
     def nvmlDeviceGetEnforcedPowerManagementLimit(self, h):
@@ -292,21 +284,8 @@ class SimNvml:
 
 # ------------------------------------------------------------------------------------------------ engines
 
-TTFT_LE = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
-ITL_LE = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
-E2E_LE = (1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0)
 VERSIONS = {"vllm": "0.10.1", "tgi": "3.3.4", "triton": "2.59.0", "sglang": "0.4.10"}
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
-GEN_TOKENS_PER_REQUEST = 220
-
-
-def _lognormal_hist(le: tuple[float, ...], n: int, median: float, sigma: float) -> tuple[list[int], float]:
-    mu = math.log(median)
-    counts = [round(n * 0.5 * (1.0 + math.erf((math.log(b) - mu) / (sigma * math.sqrt(2))))) for b in le]
-    counts = [min(c, n) for c in counts] + [n]
-    for i in range(1, len(counts)):
-        counts[i] = max(counts[i], counts[i - 1])
-    return counts, n * math.exp(mu + sigma * sigma / 2.0)
 
 
 class SimEngines:
@@ -318,6 +297,7 @@ class SimEngines:
         self.state = {k: v for k, v in state.items() if k.startswith("sim|")}
         self.targets = targets
         self.load = LoadCurve(sim, hostname)
+        self.capacity = dict(sim.capacity)
 
     def set_targets(self, targets: tuple[Target, ...]) -> None:
         self.targets = targets
@@ -336,29 +316,27 @@ class SimEngines:
     def _one(self, target: Target, now: float) -> tuple[EndpointReading, dict[str, Any]]:
         model = target.model or DEFAULT_MODEL
         key = f"sim|{target.url}|{model}"
-        rng = random.Random(_stable(self.sim.seed, self.hostname, target.url, int(now * 10)))
+        rng = random.Random(stable(self.sim.seed, self.hostname, target.url, int(now * 10)))
         prev = self.state.get(key)
         if prev is None:  # an engine that has been running for a while before the agent saw it
-            seed_rng = random.Random(_stable(self.sim.seed, self.hostname, target.url))
-            gen0 = seed_rng.randrange(10**6, 10**8)
+            gen0 = random.Random(stable(self.sim.seed, self.hostname, target.url)).randrange(10**6, 10**8)
             prev = {"p": gen0 * 3, "g": gen0, "ok": gen0 // GEN_TOKENS_PER_REQUEST, "fail": gen0 // 40000,
                     "ttft": [[0] * (len(TTFT_LE) + 1), 0.0], "itl": [[0] * (len(ITL_LE) + 1), 0.0],
-                    "e2e": [[0] * (len(E2E_LE) + 1), 0.0],
-                    "cap": seed_rng.uniform(1500.0, 4000.0), "pr": seed_rng.uniform(1.5, 3.5)}
+                    "e2e": [[0] * (len(E2E_LE) + 1), 0.0]}
         last_t = self.state.get(f"sim|t|{key}", now - 1.0)
         dt = max(0.0, min(now - last_t, 60.0))  # a stopped agent's simulated engines idle
         load = self.load(now)
-        gen = max(0, round(prev["cap"] * load * dt * (1.0 + rng.gauss(0, 0.05))))
-        prompt = max(0, round(gen * prev["pr"] * (1.0 + rng.gauss(0, 0.05))))
+        profile = endpoint_profile(self.sim.seed, self.hostname, target.url, self.capacity.get(target.url))
+        gen = max(0, round(profile.generation_tps(load) * dt * (1.0 + rng.gauss(0, 0.05))))
+        prompt = max(0, round(gen * profile.prompt_ratio * (1.0 + rng.gauss(0, 0.05))))
         reqs = gen // GEN_TOKENS_PER_REQUEST
-        failed = sum(1 for _ in range(min(reqs, 2000)) if rng.random() < 0.003)
-        ttft_med = 0.08 * (1.0 + 3.0 * load**4)
-        itl_med = 0.018 * (1.0 + load * load)
-        new = dict(prev)
+        failed = sum(1 for _ in range(min(reqs, 2000)) if rng.random() < FAILED_SHARE)
+        ttft_med, itl_med = profile.ttft_median(load), profile.itl_median(load)
+        new = {name: prev[name] for name in ("p", "g", "ok", "fail", "ttft", "itl", "e2e")}
         new.update(p=prev["p"] + prompt, g=prev["g"] + gen, ok=prev["ok"] + reqs - failed, fail=prev["fail"] + failed)
-        for name, le, median, sigma in (("ttft", TTFT_LE, ttft_med, 0.6), ("itl", ITL_LE, itl_med, 0.35),
-                                        ("e2e", E2E_LE, ttft_med + itl_med * GEN_TOKENS_PER_REQUEST, 0.5)):
-            counts, total = _lognormal_hist(le, reqs, median, sigma)
+        for name, le, median in (("ttft", TTFT_LE, ttft_med), ("itl", ITL_LE, itl_med),
+                                 ("e2e", E2E_LE, profile.e2e_median(load))):
+            counts, total = lognormal_hist(le, reqs, median, SIGMA[name])
             new[name] = [[a + b for a, b in zip(prev[name][0], counts, strict=True)], prev[name][1] + total]
         billable = target.url not in self.sim.unbillable
         tokens = {"prompt_tokens": {"sim_prompt": float(new["p"])},

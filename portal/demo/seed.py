@@ -6,7 +6,6 @@ History is synthesised with the same daily load curve, GPU models, UUIDs and MIG
 """
 
 import json
-import math
 import random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -15,13 +14,14 @@ from pathlib import Path
 
 from django.db import transaction
 
-from agents.simulate import GPU_MODELS, MIG_LAYOUTS, VERSIONS, daily_shape, gpu_uuid
+from agents.simulate import GPU_MODELS, MIG_LAYOUTS, VERSIONS, gpu_uuid
 from portal.accounts.models import OperatorRole, User
 from portal.alerts.models import Severity
 from portal.alerts.services import alert_acknowledge, alert_raise
 from portal.capacity.models import Allocation
 from portal.capacity.services import allocation_create, deployment_create, deployments_check_billable, quota_set
 from portal.demo.billing_seed import seed_billing
+from portal.demo.history import SIM_SEED, NodePlan, plan_nodes, write_history
 from portal.demo.tenants_seed import seed_tenants
 from portal.economics.models import PendingAttribution
 from portal.economics.services import cost_hours_attribute
@@ -37,19 +37,14 @@ from portal.fleet.models import (
     Site,
 )
 from portal.fleet.services import node_credential_issue
-from portal.hours import hour_floor, hours_between
+from portal.hours import hour_floor
 from portal.standards.services import baseline_set
-from portal.telemetry.bulk import insert_rows
-from portal.telemetry.models import GpuHour, GpuMinute, RollupWatermark, UsageHour, UsageMinute
-from portal.telemetry.rollups import hours_from_minutes, rollup_site_hours
+from portal.telemetry.models import RollupWatermark
+from portal.telemetry.rollups import rollup_site_hours
 from portal.telemetry.xid import XID_MEANINGS
 from portal.tenants.models import MemberRole, Membership, Tenant, TenantStatus
 
 DEMO_PASSWORD = "tokenmill-demo"  # noqa: S105 - the demo's published login, printed by `make demo`
-SIM_SEED = 42
-TTFT_LE = [0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
-E2E_LE = [0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0]
-ITL_LE = [0.01, 0.025, 0.05, 0.075, 0.1, 0.2, 0.5]
 
 
 @dataclass(frozen=True)
@@ -110,29 +105,6 @@ def mig_layout(index: int) -> tuple[tuple[str, int], ...]:
     return MIG_LAYOUTS[(index // 4 + SIM_SEED) % len(MIG_LAYOUTS)]
 
 
-def load_at(t: datetime, rng_value: float, now: datetime) -> float:
-    """Fleet utilization at time t: the simulated agents' daily curve at the demo's load level, scaled by a month
-    of growth (tenants onboarding: 55% of today's load 30 days ago), so the economics pages show the factory
-    moving along its own cost curve."""
-    hour = t.hour + t.minute / 60
-    growth = 0.55 + 0.45 * max(0.0, 1 - (now - t) / timedelta(days=30))
-    return max(0.02, min(0.99, 0.78 * growth * daily_shape(hour) * (1 + 0.12 * rng_value)))
-
-
-def _histogram(le: list[float], median: float, n: int, rng: random.Random) -> dict:
-    """Cumulative bucket counts of n lognormal observations around `median`."""
-    sigma = 0.55
-    counts, total_sum = [], 0.0
-    for bound in le:
-        z = (math.log(bound) - math.log(median)) / sigma
-        counts.append(round(n * 0.5 * (1 + math.erf(z / math.sqrt(2)))))
-    counts.append(n)
-    for i in range(1, len(counts)):
-        counts[i] = max(counts[i], counts[i - 1])
-    total_sum = n * median * math.exp(sigma**2 / 2) * rng.uniform(0.97, 1.03)
-    return {"le": le, "counts": counts, "sum": round(total_sum, 3)}
-
-
 def seed_demo(*, now: datetime | None = None, days: int = 30, minute_hours: int = 24,
               agents_dir: Path | None = None, portal_url: str = "http://127.0.0.1:8000") -> dict:
     now = (now or datetime.now(tz=UTC)).replace(second=0, microsecond=0)
@@ -155,9 +127,14 @@ def seed_demo(*, now: datetime | None = None, days: int = 30, minute_hours: int 
             )
             for hostname, model_key, mig in spec.nodes:
                 nodes.append(_node(site, hostname, model_key, mig, now, installed=history_start(now, days)))
-        endpoints = _endpoints(nodes, tenants, people[0], now, days)
-        _unbillable_pilot(nodes, tenants["initech"], people[0], now)
-        _history(nodes, endpoints, now, days, minute_hours, rng)  # attributes every hour: after all allocations
+        capacity = _endpoints(nodes, tenants, people[0], now, days)
+        _unbillable_pilot(nodes, tenants["initech"], people[0], now, capacity)
+        plans = plan_nodes(nodes=nodes, capacity=capacity)  # after every allocation and deployment
+        hours = write_history(plans=plans, now=now, start=history_start(now, days), minute_hours=minute_hours)
+        rollup_site_hours(hours=hours)
+        cost_hours_attribute(hours=hours, now=now)
+        # Every hour is attributed from the whole seeded history: what the seeding's allocations queued is done.
+        PendingAttribution.objects.all().delete()
         _health(nodes, people[0], now, rng)
         for slug, tokens_per_minute, gpus in (("acme", 6_000_000, 48), ("globex", 1_500_000, 40),
                                               ("initech", 2_000_000, 24), ("umbrella", 3_000_000, 24)):
@@ -172,7 +149,7 @@ def seed_demo(*, now: datetime | None = None, days: int = 30, minute_hours: int 
         RollupWatermark.objects.update_or_create(name="attribution", defaults={"stored_until": now})
         credentials = {node.hostname: node_credential_issue(node=node) for node in nodes}
     if agents_dir is not None:
-        write_agent_configs(nodes, credentials, agents_dir, portal_url)
+        write_agent_configs(plans, credentials, agents_dir, portal_url, now)
     return {"nodes": len(nodes), "gpus": len(nodes) * 8, "tenants": len(tenants), "users": len(people)}
 
 
@@ -218,10 +195,10 @@ def history_start(now: datetime, days: int) -> datetime:
 
 
 def _endpoints(nodes: list[Node], tenants: dict[str, Tenant], operator: User,
-               now: datetime, days: int) -> list[tuple[ServingEndpoint, int, int]]:
+               now: datetime, days: int) -> dict[tuple[int, str], float]:
     """Each node serves one or two tenants' models on GPUs allocated to them (some nodes keep free capacity);
-    returns (endpoint, GPUs it runs on, tokens/s per GPU)."""
-    out = []
+    returns each endpoint's generation tokens/s at full load: its model's rate per GPU x the GPUs it holds."""
+    capacity = {}
     since = history_start(now, days)
     for n, node in enumerate(nodes):
         picks = [MODELS[n % len(MODELS)]] if n % 3 else [MODELS[n % len(MODELS)], MODELS[(n + 2) % len(MODELS)]]
@@ -233,10 +210,8 @@ def _endpoints(nodes: list[Node], tenants: dict[str, Tenant], operator: User,
         ]
         ScrapeTarget.objects.bulk_create(ScrapeTarget(node=node, **t) for t in targets)
         for k, ((model, engine, tps, tenant_slug), target) in enumerate(zip(picks, targets, strict=True)):
-            endpoint = ServingEndpoint.objects.create(
-                node=node, url=target["url"], model=model, engine=engine, up=True, probe_latency_ms=2.5,
-                version=VERSIONS[engine],
-            )
+            ServingEndpoint.objects.create(node=node, url=target["url"], model=model, engine=engine, up=True,
+                                           probe_latency_ms=2.5, version=VERSIONS[engine])
             held = gpus[k * gpus_each:(k + 1) * gpus_each]
             if n % 5 == 4:
                 held = held[: len(held) // 2]  # a tenant that has not grown into its node yet: free capacity
@@ -250,11 +225,15 @@ def _endpoints(nodes: list[Node], tenants: dict[str, Tenant], operator: User,
                 engine=engine, node=node, metrics_url=target["url"], allocations=allocations,
                 settings=ENGINE_SETTINGS[(n + k) % len(ENGINE_SETTINGS)], active_from=since,
             )
-            out.append((endpoint, gpus_each, tps))
-    return out
+            capacity[(node.pk, target["url"])] = tps * sum(a.gpu_share for a in allocations)
+    return capacity
 
 
-def _unbillable_pilot(nodes: list[Node], tenant: Tenant, operator: User, now: datetime) -> None:
+PILOT_TPS = 3000  # Qwen3-0.6B on one H100: a small model runs fast
+
+
+def _unbillable_pilot(nodes: list[Node], tenant: Tenant, operator: User, now: datetime,
+                      capacity: dict[tuple[int, str], float]) -> None:
     """A pilot started three hours ago on a free GPU, served by Dynamo's TensorRT-LLM worker, which (as of January
     2026) exports requests and latency but no token counter: it answers, and nothing of it can be billed. Its
     simulated agent reports it so (simulate.unbillable), the endpoint is marked and the deployment alerted."""
@@ -270,6 +249,7 @@ def _unbillable_pilot(nodes: list[Node], tenant: Tenant, operator: User, now: da
     deployment_create(tenant=tenant, name=f"Qwen3-0.6B pilot on {gpu.node.hostname}", model_name=model,
                       engine="triton", node=gpu.node, metrics_url=url, allocations=[allocation],
                       settings={"precision": "fp8", "server": "dynamo"}, active_from=since)
+    capacity[(gpu.node_id, url)] = PILOT_TPS
     deployments_check_billable(now=now)
 
 
@@ -296,93 +276,21 @@ def _health(nodes: list[Node], operator: User, now: datetime, rng: random.Random
             alert_acknowledge(alert_id=alert.pk, by=operator, now=at + timedelta(minutes=12))
 
 
-def _history(nodes, endpoints, now: datetime, days: int, minute_hours: int, rng: random.Random) -> None:
-    gpus = list(Gpu.objects.filter(node__in=nodes).select_related("node"))
-    start_hour = history_start(now, days)
-    hours = hours_between(start_hour, now)
-    # The minute tier covers whole hours up to now, and the hour tier of those hours is rolled up from it as the
-    # rollup would; older hours are synthesised directly.
-    minute_start = max(start_hour, hour_floor(now - timedelta(hours=minute_hours)))
-    minutes = [minute_start + timedelta(minutes=m) for m in range(int((now - minute_start).total_seconds()) // 60)]
-    day_noise = {d: rng.uniform(-1, 1) for d in range(days + 2)}
-    noise = {h: 0.6 * day_noise[(now - h).days] + 0.4 * rng.uniform(-1, 1) for h in hours}
-    hour_rows, minute_rows = [], []
-    for gpu in gpus:
-        model = GPU_MODELS["H100" if "H100" in gpu.name else "A100"]
-        bias = rng.uniform(0.8, 1.1)
-        for ts in hours[:hours.index(minute_start)]:
-            hour_rows.append(_gpu_row(gpu, model, ts, 3600.0, load_at(ts, noise[ts], now) * bias, rng))
-        for ts in minutes:
-            hour_key = ts.replace(minute=0)
-            minute_rows.append(_gpu_row(gpu, model, ts, 60.0,
-                                        load_at(ts, noise.get(hour_key, 0.0), now) * bias, rng))
-    insert_rows(GpuHour, hour_rows)
-    insert_rows(GpuMinute, minute_rows)
-    # The grid shows current readings before the first agent batch: take each GPU's last seeded minute.
-    latest = {row["gpu_id"]: row for row in minute_rows}
-    for gpu in gpus:
-        row = latest[gpu.pk]
-        gpu.current_util, gpu.current_power_w, gpu.current_temp_c = row["util_mean"], row["power_mean_w"], row[
-            "temp_max_c"]
-        gpu.current_memory_used_mib, gpu.current_at = row["memory_used_mib_max"], row["ts"]
-    Gpu.objects.bulk_update(gpus, ["current_util", "current_power_w", "current_temp_c", "current_memory_used_mib",
-                                   "current_at"])
-    usage_hours, usage_minutes = [], []
-    for endpoint, gpu_count, tps in endpoints:
-        for ts in hours[:hours.index(minute_start)]:
-            usage_hours.append(_usage_row(endpoint, ts, 3600, load_at(ts, noise[ts], now), gpu_count, tps, rng))
-        for ts in minutes:
-            load = load_at(ts, noise.get(ts.replace(minute=0), 0.0), now)
-            usage_minutes.append(_usage_row(endpoint, ts, 60, load, gpu_count, tps, rng))
-    insert_rows(UsageHour, usage_hours)
-    insert_rows(UsageMinute, usage_minutes)
-    hours_from_minutes(node_ids=[n.pk for n in nodes], start=minute_start, end=now)
-    rollup_site_hours(hours=hours)
-    cost_hours_attribute(hours=hours, now=now)
-    # Every hour is attributed from the whole seeded history: what the seeding's allocations queued is done.
-    PendingAttribution.objects.all().delete()
-
-
-def _gpu_row(gpu: Gpu, model, ts: datetime, seconds: float, util: float, rng: random.Random):
-    util = max(0.0, min(1.0, util))
-    power = model.idle_w + (model.power_limit_w - model.idle_w) * util**0.9
-    return {
-        "gpu_id": gpu.pk, "ts": ts, "seconds": seconds, "util_mean": round(util * 100, 2),
-        "util_max": round(min(100.0, util * 100 + rng.uniform(3, 12)), 2), "mem_util_mean": round(util * 55, 2),
-        "memory_used_mib_max": int(model.memory_mib * 0.88), "power_mean_w": round(power, 1),
-        "energy_mj": int(power * seconds * 1000), "temp_max_c": round(34 + 40 * util + rng.uniform(0, 4), 1),
-    }
-
-
-def _usage_row(endpoint: ServingEndpoint, ts: datetime, seconds: int, util: float, gpus: int, tps: int,
-               rng: random.Random):
-    generation = int(util * tps * gpus * seconds * rng.uniform(0.95, 1.05))
-    requests = max(1, generation // 320)
-    failed = int(requests * 0.002 * rng.random())
-    ttft_median = 0.08 + 0.5 * util**3
-    return {
-        "endpoint_id": endpoint.pk, "ts": ts, "prompt_tokens": generation * 3 + rng.randrange(1000),
-        "generation_tokens": generation, "requests_ok": requests - failed, "requests_failed": failed,
-        "probes": seconds // 10, "probes_up": seconds // 10,
-        "ttft": _histogram(TTFT_LE, ttft_median, requests, rng),
-        "itl": _histogram(ITL_LE, 0.018 + 0.03 * util**2, generation, rng),
-        "e2e": _histogram(E2E_LE, 4 + 6 * util**2, requests, rng),
-    }
-
-
-def write_agent_configs(nodes: list[Node], credentials: dict[str, str], agents_dir: Path, portal_url: str) -> None:
-    """One simulated agent per node: its TOML config and credential (0600) under agents_dir/<hostname>/."""
+def write_agent_configs(plans: list[NodePlan], credentials: dict[str, str], agents_dir: Path, portal_url: str,
+                        now: datetime) -> None:
+    """One simulated agent per node: its TOML config and credential (0600) under agents_dir/<hostname>/, running
+    the load model its history was integrated from (portal.demo.history)."""
     unbillable: dict[int, list[str]] = {}
     for node_id, url in ServingEndpoint.objects.filter(unbillable_since__isnull=False).values_list("node_id", "url"):
         unbillable.setdefault(node_id, []).append(url)
-    for node in nodes:
+    for plan in plans:
+        node = plan.node
+        sim = plan.sim(now=now, unbillable=tuple(unbillable.get(node.pk, [])))
         state = agents_dir / node.hostname
         state.mkdir(parents=True, exist_ok=True)
         credential = state / "credential"
         credential.write_text(credentials[node.hostname] + "\n")
         credential.chmod(0o600)
-        mig = Gpu.objects.filter(node=node, mig_mode=True).exists()
-        model_key = "H100" if "h100" in node.hostname else "A100"
         (state / "agent.toml").write_text(
             f'# Simulated agent for demo node {node.hostname} (no GPU: readings are simulated)\n'
             f'portal_url = "{portal_url}"\n'
@@ -391,13 +299,16 @@ def write_agent_configs(nodes: list[Node], credentials: dict[str, str], agents_d
             "interval_s = 10\n"
             "sample_s = 1.0\n\n"
             "[simulate]\n"
-            "gpus = 8\n"
-            f'gpu_model = "{model_key}"\n'
-            f"mig = {'true' if mig else 'false'}\n"
-            f"seed = {SIM_SEED}\n"
-            "load = 0.78\n"
-            f'driver_version = "{node.driver_version}"\n'
-            f"unbillable = {json.dumps(unbillable.get(node.pk, []))}\n"
+            f"gpus = {sim.gpus}\n"
+            f'gpu_model = "{sim.gpu_model}"\n'
+            f"mig = {'true' if sim.mig else 'false'}\n"
+            f"seed = {sim.seed}\n"
+            f"load = {sim.load}\n"
+            f'driver_version = "{sim.driver_version}"\n'
+            f"unbillable = {json.dumps(list(sim.unbillable))}\n"
+            f"serving_gpus = {json.dumps(list(sim.serving_gpus or ()))}\n\n"
+            "[simulate.capacity]  # generation tokens/s at full load\n"
+            + "".join(f'"{url}" = {tps}\n' for url, tps in sim.capacity)
             + "".join(
                 f'\n[[targets]]\nurl = "{t.url}"\nengine = "{t.engine}"\nmodel = "{t.model}"\n'
                 for t in ScrapeTarget.objects.filter(node=node).order_by("url")
