@@ -431,7 +431,7 @@ def test_the_demo_seed_prices_every_plan_evaluates_slas_and_invoices_last_month(
     assert set(Invoice.objects.filter(period_start=date(2026, 11, 1)).values_list("status", flat=True)) == {"draft"}
     acme = Invoice.objects.get(tenant__slug="acme", period_start=OCT)
     assert acme.currency == "USD" and acme.lines.filter(kind=LineKind.USAGE).exists()
-    assert Sli.E2E_P99 in set(acme.lines.filter(kind=LineKind.CREDIT).values_list("sli", flat=True))
+    assert Sli.TTFT_P95 in set(acme.lines.filter(kind=LineKind.CREDIT).values_list("sli", flat=True))
     assert acme.credits > 0 and acme.total == sum(acme.lines.values_list("amount", flat=True))
     client.login(username="operator", password=DEMO_PASSWORD)
     for url in ("/sla/", "/sla/tenants/acme/", "/sla/policies/", f"/sla/policies/{SlaPolicy.objects.first().pk}/",

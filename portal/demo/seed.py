@@ -140,7 +140,7 @@ def seed_demo(*, now: datetime | None = None, days: int = 30, minute_hours: int 
                                               ("initech", 2_000_000, 24), ("umbrella", 3_000_000, 24)):
             quota_set(tenant=tenants[slug], tokens_per_minute=tokens_per_minute, gpus=gpus)
         seed_tenants(tenants=tenants, now=now)
-        seed_billing(now=now)
+        seed_billing(now=now, history_since=history_start(now, days))
         baseline_set(by=people[0], driver_version="590.48.01", cuda_driver_version="13.1",
                      note="Q4 fleet standard", now=now - timedelta(days=20), **{
                          f"{engine}_version": version for engine, version in VERSIONS.items()})

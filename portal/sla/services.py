@@ -34,13 +34,15 @@ def sla_alert_key(*, tenant: Tenant, sli: str) -> str:
     return f"sla:{tenant.pk}:{sli}"
 
 
-def sla_evaluate_tenant(*, tenant: Tenant, window_end: datetime, now: datetime | None = None) -> list[SlaEvaluation]:
-    """Measure each of the tenant's objectives over its window ending at `window_end` and record the result; a
-    failing window opens (or extends) a breach and raises the tenant+SLI alert, a compliant one ends the breach and
-    resolves it. Idempotent: an (tenant, SLI, window end) already evaluated is skipped, so a re-run writes nothing.
-    Returns the evaluations written by this call."""
+def sla_evaluate_tenant(*, tenant: Tenant, window_end: datetime, now: datetime | None = None,
+                        windows: set[int] | None = None) -> list[SlaEvaluation]:
+    """Measure each of the tenant's objectives (those with these window lengths, if given) over its window ending
+    at `window_end` and record the result; a failing window opens (or extends) a breach and raises the tenant+SLI
+    alert, a compliant one ends the breach and resolves it. Idempotent: an (tenant, SLI, window end) already
+    evaluated is skipped, so a re-run writes nothing. Returns the evaluations written by this call."""
     done = set(SlaEvaluation.objects.filter(tenant=tenant, window_end=window_end).values_list("sli", flat=True))
-    objectives = [o for o in objectives_for_tenant(tenant=tenant) if o.sli not in done]
+    objectives = [o for o in objectives_for_tenant(tenant=tenant)
+                  if o.sli not in done and (windows is None or o.window in windows)]
     readings: dict[int, dict[str, Reading]] = {}
     for window in {o.window for o in objectives}:
         readings[window] = sli_readings(tenant=tenant, start=window_end - timedelta(seconds=window), end=window_end,
