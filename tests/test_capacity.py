@@ -3,10 +3,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.db import close_old_connections, connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from portal.alerts.models import Alert
 from portal.audit.models import AuditEntry
-from portal.capacity.models import Allocation, Deployment, RequestStatus
+from portal.capacity.forms import AllocationForm
+from portal.capacity.models import Allocation, CapacityRequest, Deployment, RequestStatus
 from portal.capacity.selectors import capacity_overview, placement_propose, usage_for_tenant
 from portal.capacity.services import (
     CapacityError,
@@ -19,9 +22,19 @@ from portal.capacity.services import (
     quota_set,
     quotas_check,
 )
-from portal.fleet.models import MigInstance, ScrapeTarget, ServingEndpoint
+from portal.fleet.models import Gpu, MigInstance, ScrapeTarget, ServingEndpoint
 from portal.telemetry.models import UsageHour, UsageMinute
-from tests.factories import PASSWORD, GpuFactory, NodeFactory, OperatorFactory, TenantFactory, ViewerFactory, gpu_uuid
+from tests.conftest import bad_parameters
+from tests.factories import (
+    PASSWORD,
+    GpuFactory,
+    NodeFactory,
+    OperatorFactory,
+    SiteFactory,
+    TenantFactory,
+    ViewerFactory,
+    gpu_uuid,
+)
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 
@@ -64,7 +77,7 @@ class TestAllocations:
         allocation_create(tenant=b, gpu=gpus[0], mig_instance=migs[1], starts_at=T0)
         with pytest.raises(CapacityError, match=r"MIG 3g\.40gb"):
             allocation_create(tenant=b, gpu=gpus[0], mig_instance=migs[0], starts_at=T0 + timedelta(hours=1))
-        with pytest.raises(CapacityError, match="the whole GPU"):
+        with pytest.raises(CapacityError, match="The whole GPU"):
             allocation_create(tenant=b, gpu=gpus[0], starts_at=T0 + timedelta(hours=1))
 
     def test_ending_a_future_allocation_withdraws_it(self):
@@ -102,7 +115,7 @@ def test_two_concurrent_allocations_of_one_gpu_one_wins():
         t.start()
     for t in threads:
         t.join(timeout=30)
-    refusal = f"the whole GPU of GPU 0 on {gpu.node} is already allocated for part of that period"
+    refusal = f"The whole GPU of GPU 0 on {gpu.node} is already allocated for part of that period."
     assert sorted(outcomes, key=len) == ["ok", refusal]
     assert Allocation.objects.count() == 1
 
@@ -221,6 +234,66 @@ class TestCapacityPages:
         assert r.status_code == 400 and set(r.context["form"].errors) == {"gpu", "starts_at"}
         assert Allocation.objects.count() == 1
         assert AuditEntry.objects.get().action == "allocation.create"
+
+    def test_it_pages_nodes_and_filters_units_by_site_node_model_tenant_and_state(self, client):
+        client.login(username=OperatorFactory().username, password=PASSWORD)
+        site, other = SiteFactory(name="Ashburn"), SiteFactory(name="Frankfurt")
+        nodes = [NodeFactory(site=site if i < 22 else other, hostname=f"iad-{i:02d}") for i in range(25)]
+        for node in nodes:
+            make_gpus(node, n=2)
+        tenant = TenantFactory(name="Acme AI")
+        held = Gpu.objects.get(node=nodes[3], index=1)
+        allocation_create(tenant=tenant, gpu=held, starts_at=timezone.now() - timedelta(hours=1))
+        page = client.get("/capacity/")
+        assert page.context["page"].paginator.num_pages == 3 and len(page.context["nodes"]) == 10
+        assert 'data-testid="next-page"' in page.content.decode()
+        assert [g.node.hostname for g in client.get("/capacity/?page=3").context["nodes"]] == [
+            f"iad-{i:02d}" for i in range(20, 25)]
+        assert [g.node.hostname for g in client.get(f"/capacity/?site={other.pk}").context["nodes"]] == [
+            "iad-22", "iad-23", "iad-24"]
+        (group,) = client.get(f"/capacity/?tenant={tenant.pk}").context["nodes"]
+        assert group.node == nodes[3] and [(u.label, u.holder.tenant.name) for u in group.units] == [
+            ("GPU 1 (whole)", "Acme AI")]
+        (group,) = client.get("/capacity/?node=iad-03&state=free").context["nodes"]
+        assert [u.label for u in group.units] == ["GPU 0 (whole)"]
+        assert len(client.get("/capacity/?state=held").context["nodes"]) == 1
+        assert client.get("/capacity/?gpu=NVIDIA+A100-SXM4-80GB").context["page"].paginator.count == 0
+        assert bad_parameters(client.get("/capacity/?page=0&site=x")) == {"page", "site"}
+
+    def test_the_page_reads_a_constant_number_of_queries_whatever_the_fleet(self, client):
+        client.login(username=OperatorFactory().username, password=PASSWORD)
+        for i in range(3):
+            make_gpus(NodeFactory(hostname=f"a-{i}"), n=8, mig_index=7)
+        with CaptureQueriesContext(connection) as few:
+            client.get("/capacity/")
+        for i in range(20):
+            make_gpus(NodeFactory(hostname=f"b-{i}"), n=8, mig_index=7)
+        with CaptureQueriesContext(connection) as many:
+            client.get("/capacity/")
+        assert len(many.captured_queries) == len(few.captured_queries)
+
+    def test_it_allocates_a_mig_instance_from_its_nodes_row_and_says_so_in_words(self, client):
+        client.login(username=OperatorFactory().username, password=PASSWORD)
+        node = NodeFactory(hostname="iad1-h100-09")
+        gpus, migs = make_gpus(node, n=4, mig_index=3)
+        tenant, rival = TenantFactory(name="Acme AI"), TenantFactory(name="Globex")
+        page = client.get("/capacity/?node=h100-09").content.decode()
+        assert f'data-unit="{gpus[3].pk}:{migs[0].pk}"' in page and "GPU 3 · MIG 3g.40gb (GI 2)" in page
+        unit = {"gpu": gpus[3].pk, "mig_instance": migs[0].pk, "starts_at": "2026-11-20T08:00",
+                "next": "/capacity/?node=h100-09"}
+        r = client.post("/capacity/allocations/new/", {**unit, "tenant": tenant.pk}, follow=True)
+        assert r.redirect_chain == [("/capacity/?node=h100-09", 302)]
+        assert ("Allocated: Acme AI holds GPU 3 · MIG 3g.40gb (GI 2) on iad1-h100-09 from 2026-11-20 08:00 UTC, "
+                "open-ended.") in r.content.decode()
+        CapacityRequest.objects.create(tenant=rival, model_name="m", gpu_type="H100", count=1,
+                                       starts_at=timezone.now())
+        r = client.post("/capacity/allocations/new/", {**unit, "tenant": rival.pk})
+        text = r.content.decode()
+        assert r.status_code == 400 and text.count("is already allocated for part of that period") == 1
+        assert "MIG 3g.40gb (GI 2) of GPU 3 on iad1-h100-09" in text and "No open requests." not in text
+        form = AllocationForm()
+        assert form.fields["gpu"].label_from_instance(gpus[0]) == f"iad1-h100-09 · GPU 0 · {gpus[0].name}"
+        assert form.fields["mig_instance"].label_from_instance(migs[0]) == "iad1-h100-09 · GPU 3 · MIG 3g.40gb (GI 2)"
 
     def test_viewers_see_capacity_but_cannot_change_it(self, client):
         viewer = ViewerFactory()

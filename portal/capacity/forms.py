@@ -2,17 +2,32 @@ from django import forms
 from django.utils import timezone
 
 from portal.capacity.models import Deployment
-from portal.fleet.models import Gpu, MigInstance, Node
-from portal.params import MomentField
+from portal.capacity.selectors import unit_name
+from portal.fleet.models import Gpu, MigInstance, Node, NodeStatus
+from portal.params import IdField, MomentField, PageField
 from portal.tenants.models import Tenant, TenantStatus
 
 
+class GpuChoiceField(forms.ModelChoiceField):
+    def label_from_instance(self, obj: Gpu) -> str:
+        return f"{obj.node.hostname} · GPU {obj.index} · {obj.name}"
+
+
+class MigChoiceField(forms.ModelChoiceField):
+    def label_from_instance(self, obj: MigInstance) -> str:
+        return f"{obj.gpu.node.hostname} · {unit_name(obj.gpu, obj)}"
+
+
+IN_SERVICE = Gpu.objects.exclude(node__status=NodeStatus.DECOMMISSIONED).filter(retired_at__isnull=True)
+
+
 class AllocationForm(forms.Form):
-    tenant = forms.ModelChoiceField(queryset=Tenant.objects.filter(status=TenantStatus.ACTIVE))
-    gpu = forms.ModelChoiceField(queryset=Gpu.objects.select_related("node").order_by("node__hostname", "index"),
-                                 label="GPU")
-    mig_instance = forms.ModelChoiceField(queryset=MigInstance.objects.select_related("gpu__node"), required=False,
-                                          label="MIG instance (blank: the whole GPU)")
+    tenant = forms.ModelChoiceField(queryset=Tenant.objects.filter(status=TenantStatus.ACTIVE).order_by("name"))
+    gpu = GpuChoiceField(queryset=IN_SERVICE.select_related("node").order_by("node__hostname", "index"), label="GPU")
+    mig_instance = MigChoiceField(
+        queryset=MigInstance.objects.filter(gpu__in=IN_SERVICE).select_related("gpu__node")
+        .order_by("gpu__node__hostname", "gpu__index", "gi_id"),
+        required=False, label="MIG instance (blank: the whole GPU)")
     starts_at = MomentField(initial=timezone.now, label="From (UTC)")
     ends_at = MomentField(required=False, label="Until (UTC, blank: open-ended)")
 
@@ -45,3 +60,12 @@ class DeploymentForm(forms.Form):
     def engine_settings(self) -> dict:
         return {k: self.cleaned_data[k] for k in ("precision", "kv_cache_dtype", "speculative_decoding")
                 if self.cleaned_data.get(k)}
+
+
+class CapacityFilterForm(forms.Form):
+    site = IdField(required=False)
+    node = forms.CharField(max_length=253, required=False, label="Node (hostname contains)")
+    gpu = forms.CharField(max_length=128, required=False, label="GPU model")
+    tenant = IdField(required=False)
+    state = forms.ChoiceField(choices=[("", "Free or held"), ("free", "Free"), ("held", "Held")], required=False)
+    page = PageField()

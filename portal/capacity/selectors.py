@@ -10,7 +10,7 @@ from django.db.models.functions import TruncDay, TruncHour
 from django.utils import timezone
 
 from portal.capacity.models import WHOLE_GPU_SLOTS, Allocation, CapacityRequest, Deployment
-from portal.fleet.models import Gpu, MigInstance, NodeStatus, ServingEndpoint
+from portal.fleet.models import Gpu, MigInstance, Node, NodeStatus, ServingEndpoint
 from portal.hours import hour_ceil, hour_floor
 from portal.telemetry.models import UsageHour, UsageMinute
 from portal.tenants.models import Tenant
@@ -265,3 +265,87 @@ def deployment_tokens_by_hour(*, start: datetime, end: datetime, now: datetime |
             prompt, generation = out[(window.deployment_id, hour)]
             out[(window.deployment_id, hour)] = (prompt + (p or 0), generation + (g or 0))
     return dict(out)
+
+
+def unit_name(gpu: Gpu, mig: MigInstance | None) -> str:
+    """A unit as operators say it: "GPU 3 (whole)" or "GPU 3 · MIG 3g.40gb (GI 2)"."""
+    return f"GPU {gpu.index} · MIG {mig.profile} (GI {mig.gi_id})" if mig else f"GPU {gpu.index} (whole)"
+
+
+def allocation_summary(allocation: Allocation) -> str:
+    """"Acme AI holds GPU 3 (whole) on iad1-h100-03 from 2026-12-01 23:00 UTC, open-ended": for messages."""
+    until = f"until {allocation.ends_at:%Y-%m-%d %H:%M} UTC" if allocation.ends_at else "open-ended"
+    return (f"{allocation.tenant.name} holds {unit_name(allocation.gpu, allocation.mig_instance)} on "
+            f"{allocation.gpu.node.hostname} from {allocation.starts_at:%Y-%m-%d %H:%M} UTC, {until}")
+
+
+@dataclass
+class Unit:
+    gpu: Gpu
+    mig: MigInstance | None
+    holder: Allocation | None  # the allocation holding it now
+
+    @property
+    def label(self) -> str:
+        return unit_name(self.gpu, self.mig)
+
+    @property
+    def key(self) -> str:
+        return f"{self.gpu.pk}:{self.mig.pk}" if self.mig else str(self.gpu.pk)
+
+
+@dataclass
+class NodeUnits:
+    node: Node
+    units: list[Unit]
+
+    @property
+    def free(self) -> int:
+        return sum(1 for u in self.units if u.holder is None)
+
+
+def capacity_units(*, now: datetime, site_id: int | None = None, hostname: str = "", gpu_name: str = "",
+                   tenant_id: int | None = None, state: str = "") -> QuerySet[Node]:
+    """The nodes in service that have a unit matching the filters (state "free" or "held", the tenant holding
+    it now), by hostname; units_of() lists a page of them."""
+    nodes = Node.objects.exclude(status=NodeStatus.DECOMMISSIONED).select_related("site").order_by("hostname")
+    if site_id:
+        nodes = nodes.filter(site_id=site_id)
+    if hostname:
+        nodes = nodes.filter(hostname__icontains=hostname)
+    if gpu_name:
+        nodes = nodes.filter(gpus__name=gpu_name)
+    held = allocations_at(at=now)
+    if tenant_id:
+        nodes = nodes.filter(gpus__allocations__in=held.filter(tenant_id=tenant_id))
+    if state == "held":
+        nodes = nodes.filter(gpus__allocations__in=held)
+    elif state == "free":
+        busy_gpus = held.filter(mig_instance__isnull=True).values("gpu_id")
+        busy_migs = held.filter(mig_instance__isnull=False).values("mig_instance_id")
+        nodes = nodes.filter(Q(gpus__mig_mode=False) & ~Q(gpus__pk__in=busy_gpus)
+                             | Q(gpus__mig_instances__isnull=False) & ~Q(gpus__mig_instances__pk__in=busy_migs))
+    return nodes.distinct()
+
+
+def units_of(*, nodes: list[Node], now: datetime, gpu_name: str = "", tenant_id: int | None = None,
+             state: str = "") -> list[NodeUnits]:
+    """Each node's units (whole GPUs, or the MIG instances of a GPU in MIG mode) with who holds them now, in three
+    queries for the page, narrowed by the same filters as capacity_units."""
+    holders = {(a.gpu_id, a.mig_instance_id): a for a in allocations_at(at=now).filter(gpu__node__in=nodes)
+               .select_related("tenant")}
+    gpus = (Gpu.objects.filter(node__in=nodes, retired_at__isnull=True).select_related("node")
+            .prefetch_related("mig_instances").order_by("index"))
+    by_node: dict[int, list[Unit]] = defaultdict(list)
+    for gpu in gpus:
+        if gpu_name and gpu.name != gpu_name:
+            continue
+        migs = sorted(gpu.mig_instances.all(), key=lambda m: m.gi_id) if gpu.mig_mode else [None]
+        for mig in migs:
+            holder = holders.get((gpu.pk, mig.pk if mig else None))
+            if (state == "free" and holder) or (state == "held" and not holder):
+                continue
+            if tenant_id and (holder is None or holder.tenant_id != tenant_id):
+                continue
+            by_node[gpu.node_id].append(Unit(gpu=gpu, mig=mig, holder=holder))
+    return [NodeUnits(node=n, units=by_node.get(n.pk, [])) for n in nodes]

@@ -32,11 +32,11 @@ def allocation_create(
     """Give `tenant` a whole GPU (or one of its MIG instances) over [starts_at, ends_at). The database refuses an
     overlap with another allocation of the same unit; that refusal becomes a CapacityError."""
     if tenant.status != TenantStatus.ACTIVE:
-        raise CapacityError(f"{tenant} is not active")
+        raise CapacityError(f"{tenant} is not active: only active tenants can hold capacity")
     if ends_at is not None and ends_at <= starts_at:
-        raise CapacityError("the allocation must end after it starts")
+        raise CapacityError("The allocation must end after it starts.")
     if mig_instance is not None and mig_instance.gpu_id != gpu.pk:
-        raise CapacityError("the MIG instance is not on that GPU")
+        raise CapacityError("That MIG instance is not on the chosen GPU.")
     _check_on_books(gpu, starts_at, ends_at)
     slots = (mig_instance.gi_id, mig_instance.gi_id + 1) if mig_instance else WHOLE_GPU_SLOTS
     unit = f"MIG {mig_instance.profile} (GI {mig_instance.gi_id})" if mig_instance else "the whole GPU"
@@ -53,7 +53,8 @@ def allocation_create(
         if "allocation_no_overlap" not in str(exc):
             raise
         raise CapacityError(
-            f"{unit} of GPU {gpu.index} on {gpu.node} is already allocated for part of that period"
+            f"{unit[0].upper()}{unit[1:]} of GPU {gpu.index} on {gpu.node} is already allocated for part of that "
+            "period."
         ) from None
     _reattribute_past(starts_at, ends_at)
     return allocation
@@ -65,11 +66,11 @@ def _check_on_books(gpu: Gpu, starts_at: datetime, ends_at: datetime | None) -> 
     installed = max(gpu.installed_at, gpu.node.installed_at)
     if starts_at < installed:
         raise CapacityError(f"GPU {gpu.index} on {gpu.node} is on the books from {installed:%Y-%m-%d %H:%M} UTC: "
-                            "an allocation cannot start before it existed")
+                            "an allocation cannot start before it existed.")
     retired = min((t for t in (gpu.retired_at, gpu.node.retired_at) if t is not None), default=None)
     if retired is not None and (ends_at is None or ends_at > retired):
         raise CapacityError(f"GPU {gpu.index} on {gpu.node} was retired on {retired:%Y-%m-%d %H:%M} UTC: an "
-                            "allocation must end by then")
+                            "allocation must end by then.")
 
 
 def _reattribute_past(start: datetime, end: datetime | None) -> None:
@@ -81,7 +82,7 @@ def allocation_end(*, allocation: Allocation, at: datetime | None = None) -> All
     """End an allocation now (or at `at`). One that had not started yet is withdrawn: nothing was held."""
     at = at or timezone.now()
     if allocation.ends_at is not None and allocation.ends_at <= at:
-        raise CapacityError("the allocation has already ended")
+        raise CapacityError("This allocation has already ended.")
     if at <= allocation.starts_at:
         allocation.delete()
         return None
@@ -106,7 +107,7 @@ def capacity_request_create(
     starts_at: datetime, note: str = "",
 ) -> CapacityRequest:
     if count < 1:
-        raise CapacityError("count must be at least 1")
+        raise CapacityError("Ask for at least one unit.")
     return CapacityRequest.objects.create(
         tenant=tenant, requested_by=by, model_name=model_name, gpu_type=gpu_type, count=count,
         mig_profile=mig_profile, starts_at=starts_at, note=note,
@@ -119,9 +120,9 @@ def capacity_request_fulfil(
 ) -> list[Allocation]:
     """Allocate the chosen units for the request, all or none."""
     if request.status != RequestStatus.OPEN:
-        raise CapacityError(f"the request is {request.get_status_display().lower()}")
+        raise CapacityError(f"This request is already {request.get_status_display().lower()}.")
     if len(units) != request.count:
-        raise CapacityError(f"the request is for {request.count} unit(s); {len(units)} chosen")
+        raise CapacityError(f"The request is for {request.count} unit(s); {len(units)} chosen.")
     with transaction.atomic():
         allocations = [
             allocation_create(tenant=request.tenant, gpu=gpu, mig_instance=mig, starts_at=request.starts_at,
@@ -136,7 +137,7 @@ def capacity_request_fulfil(
 
 def capacity_request_decline(*, request: CapacityRequest, by: User | None, reason: str) -> CapacityRequest:
     if request.status != RequestStatus.OPEN:
-        raise CapacityError(f"the request is {request.get_status_display().lower()}")
+        raise CapacityError(f"This request is already {request.get_status_display().lower()}.")
     request.status, request.decision_note = RequestStatus.DECLINED, reason
     request.decided_at, request.decided_by = timezone.now(), by
     request.save(update_fields=["status", "decision_note", "decided_at", "decided_by"])
@@ -149,10 +150,10 @@ def deployment_create(
 ) -> Deployment:
     """Record a deployment and tell the node's agent to scrape its endpoint (the ingest reply carries it)."""
     if not allocations:
-        raise CapacityError("a deployment runs on at least one allocated unit")
+        raise CapacityError("A deployment runs on at least one allocated unit.")
     foreign = [a for a in allocations if a.tenant_id != tenant.pk or a.gpu.node_id != node.pk]
     if foreign:
-        raise CapacityError("every unit must be allocated to the tenant on the deployment's node")
+        raise CapacityError("Every unit must be allocated to the tenant, on the deployment's node.")
     with transaction.atomic():
         try:
             with transaction.atomic():
@@ -161,7 +162,7 @@ def deployment_create(
                     metrics_url=metrics_url, settings=settings or {}, active_from=active_from or timezone.now(),
                 )
         except IntegrityError:
-            raise CapacityError(f"{metrics_url} on {node} already belongs to a live deployment") from None
+            raise CapacityError(f"{metrics_url} on {node} already belongs to a live deployment.") from None
         deployment.allocations.set(allocations)
         targets = list(ScrapeTarget.objects.filter(node=node).values("url", "engine", "model"))
         if metrics_url not in {t["url"] for t in targets}:

@@ -1,4 +1,6 @@
 from django.contrib import messages
+from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
@@ -6,9 +8,17 @@ from django.views.decorators.http import require_POST
 
 from portal.accounts.access import operator_admin_required, operator_required
 from portal.audit.services import audit_record
-from portal.capacity.forms import AllocationForm, DeclineForm, DeploymentForm
+from portal.capacity.forms import AllocationForm, CapacityFilterForm, DeclineForm, DeploymentForm
 from portal.capacity.models import Allocation, CapacityRequest, Deployment, RequestStatus
-from portal.capacity.selectors import allocations_at, capacity_overview, deployments_unbillable, placement_propose
+from portal.capacity.selectors import (
+    allocation_summary,
+    allocations_at,
+    capacity_overview,
+    capacity_units,
+    deployments_unbillable,
+    placement_propose,
+    units_of,
+)
 from portal.capacity.services import (
     CapacityError,
     allocation_create,
@@ -18,22 +28,40 @@ from portal.capacity.services import (
     deployment_create,
     deployment_end,
 )
-from portal.fleet.models import Gpu, MigInstance
+from portal.fleet.models import Gpu, MigInstance, Site
+from portal.fleet.selectors import gpu_models
+from portal.params import query_params
+from portal.tenants.models import Tenant, TenantStatus
+
+NODES_PER_PAGE = 10
+
+
+def _overview(request: HttpRequest, *, form: AllocationForm | None = None, status: int = 200) -> HttpResponse:
+    """The capacity page: totals, open requests, and the units of a page of nodes under the filters, each free
+    unit with its allocation form and each held one with its holder."""
+    now = timezone.now()
+    filters = query_params(request, CapacityFilterForm)
+    narrow = {"gpu_name": filters["gpu"], "tenant_id": filters["tenant"], "state": filters["state"]}
+    nodes = capacity_units(now=now, site_id=filters["site"], hostname=filters["node"], **narrow)
+    page = Paginator(nodes, NODES_PER_PAGE).get_page(filters["page"] or 1)
+    query = request.GET.copy()
+    query.pop("page", None)
+    return render(request, "capacity/overview.html", {
+        "rows": capacity_overview(now=now),
+        "requests": CapacityRequest.objects.filter(status=RequestStatus.OPEN).select_related("tenant"),
+        "page": page, "nodes": units_of(nodes=list(page), now=now, **narrow),
+        "filters": CapacityFilterForm(request.GET), "query": query.urlencode(),
+        "tenants": Tenant.objects.filter(status=TenantStatus.ACTIVE).order_by("name"),
+        "sites": Site.objects.order_by("name"), "gpu_models": gpu_models(),
+        "upcoming": Allocation.objects.filter(starts_at__gt=now).select_related("tenant", "gpu__node",
+                                                                                  "mig_instance"),
+        "form": form or AllocationForm(), "now": now,
+    }, status=status)
 
 
 @operator_required
 def overview(request: HttpRequest) -> HttpResponse:
-    now = timezone.now()
-    context = {
-        "rows": capacity_overview(now=now),
-        "requests": CapacityRequest.objects.filter(status=RequestStatus.OPEN).select_related("tenant"),
-        "allocations": allocations_at(at=now).select_related("tenant", "gpu__node", "mig_instance")
-        .order_by("gpu__node__hostname", "gpu__index"),
-        "upcoming": Allocation.objects.filter(starts_at__gt=now).select_related("tenant", "gpu__node",
-                                                                                  "mig_instance"),
-        "form": AllocationForm(),
-    }
-    return render(request, "capacity/overview.html", context)
+    return _overview(request)
 
 
 @operator_admin_required
@@ -49,28 +77,25 @@ def allocation_new(request: HttpRequest) -> HttpResponse:
             form.add_error(None, str(exc))
         else:
             audit_record(actor=request.user, action="allocation.create", target=allocation, tenant=data["tenant"])
-            messages.success(request, f"Allocated: {allocation}")
-            return redirect("capacity:overview")
-    now = timezone.now()
-    return render(request, "capacity/overview.html", {
-        "rows": capacity_overview(now=now), "form": form, "requests": [], "upcoming": [],
-        "allocations": allocations_at(at=now).select_related("tenant", "gpu__node", "mig_instance"),
-    }, status=400)
+            messages.success(request, f"Allocated: {allocation_summary(allocation)}.")
+            return redirect(request.POST.get("next") or "capacity:overview")
+    return _overview(request, form=form, status=400)
 
 
 @operator_admin_required
 @require_POST
 def allocation_release(request: HttpRequest, allocation_id: int) -> HttpResponse:
-    allocation = get_object_or_404(Allocation.objects.select_related("tenant"), pk=allocation_id)
-    label = str(allocation)
+    allocation = get_object_or_404(Allocation.objects.select_related("tenant", "gpu__node", "mig_instance"),
+                                   pk=allocation_id)
+    label = allocation_summary(allocation)
     try:
         allocation_end(allocation=allocation)
     except CapacityError as exc:
         messages.error(request, str(exc))
     else:
         audit_record(actor=request.user, action="allocation.end", target=label, tenant=allocation.tenant)
-        messages.success(request, f"Released: {label}")
-    return redirect("capacity:overview")
+        messages.success(request, f"Released from now: {label.replace(' holds ', ' held ', 1)}.")
+    return redirect(request.POST.get("next") or "capacity:overview")
 
 
 @operator_required
@@ -90,7 +115,7 @@ def request_fulfil(request: HttpRequest, request_id: int) -> HttpResponse:
     for value in request.POST.getlist("unit"):
         gpu_id, _, mig_id = value.partition(":")
         if not gpu_id.isdigit() or (mig_id and not mig_id.isdigit()):
-            messages.error(request, f"unit {value!r} is not a unit")
+            messages.error(request, f"{value!r} does not name a unit; choose units from the proposal.")
             return redirect("capacity:request", request_id=request_id)
         gpu = get_object_or_404(Gpu, pk=int(gpu_id))
         units.append((gpu, get_object_or_404(MigInstance, pk=int(mig_id), gpu=gpu) if mig_id else None))
@@ -101,7 +126,8 @@ def request_fulfil(request: HttpRequest, request_id: int) -> HttpResponse:
         return redirect("capacity:request", request_id=request_id)
     audit_record(actor=request.user, action="capacity_request.fulfil", target=capacity_request,
                  tenant=capacity_request.tenant, after={"allocations": [a.pk for a in allocations]})
-    messages.success(request, f"Fulfilled with {len(allocations)} allocation(s).")
+    messages.success(request, f"Placed {capacity_request.tenant.name}'s request: "
+                     + "; ".join(allocation_summary(a) for a in allocations) + ".")
     return redirect("capacity:overview")
 
 
@@ -120,6 +146,8 @@ def request_decline(request: HttpRequest, request_id: int) -> HttpResponse:
         return redirect("capacity:request", request_id=request_id)
     audit_record(actor=request.user, action="capacity_request.decline", target=capacity_request,
                  tenant=capacity_request.tenant, after={"reason": form.cleaned_data["reason"]})
+    messages.success(request, f"Declined {capacity_request.tenant.name}'s request for {capacity_request.count} "
+                              f"{capacity_request.gpu_type} unit(s); they see the reason on their request.")
     return redirect("capacity:overview")
 
 
@@ -128,7 +156,7 @@ def deployments(request: HttpRequest) -> HttpResponse:
     form = DeploymentForm(request.POST or None)
     if request.method == "POST":
         if not request.user.is_operator_admin:
-            return HttpResponse("Operator admins only", status=403)
+            raise PermissionDenied("Operator admins only")
         if form.is_valid():
             data = form.cleaned_data
             held = list(allocations_at(at=timezone.now()).filter(tenant=data["tenant"], gpu__node=data["node"]))
