@@ -8,6 +8,7 @@ from django.db.models import Sum
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from portal.charts import TIME_AXIS
 from portal.economics.models import CostHour
 from portal.economics.selectors import site_costs
 from portal.economics.services import cost_hours_attribute
@@ -175,7 +176,7 @@ def test_the_node_charts_read_the_tier_of_their_range(operator_client):
     (chart,) = [c for c in page.context["charts"] if c["id"] == "chart-util"]
     # Times travel as epoch milliseconds on a date axis.
     assert chart["figure"]["data"][0]["x"] == [round((now - timedelta(hours=2)).timestamp() * 1000)]
-    assert chart["figure"]["layout"]["xaxis"] == {"type": "date"}
+    assert chart["figure"]["layout"]["xaxis"] == TIME_AXIS
     values, page = utils("7d")
     assert values == [55.0]
     text = page.content.decode()
@@ -232,3 +233,17 @@ def test_the_fleet_tiles_count_what_the_pages_they_summarise_count(operator_clie
     assert "decommissioned" not in headline.nodes_by_status
     text = page.content.decode()
     assert 'data-testid="open-alerts">1</a>' in text and "· 1 acknowledged" in text
+
+
+def test_node_charts_name_their_units_and_keep_their_labels_level(operator_client):
+    node, cred = node_with_credential()
+    post(operator_client, batch_payload(seq=1, gpus=[gpu_payload(uuid=gpu_uuid(), util=50.0)]), cred)
+    charts = operator_client.get(f"/fleet/nodes/{node.pk}/?range=1h", HTTP_HX_REQUEST="true").context["charts"]
+    assert [c["title"] for c in charts] == ["Utilization (%)", "Memory used (GiB)", "Power (W)",
+                                            "Temperature (°C)", "Tokens per second (input + output)"]
+    memory = next(c for c in charts if c["id"] == "chart-memory")
+    assert memory["figure"]["data"][0]["y"][0] < 100  # GiB (the agent reports MiB), not "71.7705k" MiB
+    for chart in charts:
+        layout = chart["figure"]["layout"]
+        assert layout["xaxis"]["tickangle"] == 0 and layout["xaxis"]["automargin"] is True
+        assert layout["legend"]["y"] < 0 and "tickformat" in layout["yaxis"] and "title" not in layout["yaxis"]

@@ -2,10 +2,8 @@
 
 from decimal import Decimal
 
+from portal.charts import DAY_AXIS, LAYOUT, TIME_AXIS, x_axis, y_axis
 from portal.economics.selectors import SitePeriod
-
-_LAYOUT = {"margin": {"l": 60, "r": 20, "t": 30, "b": 40}, "height": 320, "legend": {"orientation": "h"},
-           "hovermode": "x unified"}
 
 
 def _num(value: Decimal | None) -> float | None:
@@ -20,7 +18,9 @@ def cost_per_mtok_chart(periods: list[SitePeriod]) -> dict:
             "type": "scatter", "mode": "lines+markers", "name": f"{period.site.name} ({period.site.currency})",
             "x": [f"{d:%Y-%m-%d}" for d, _ in days], "y": [_num(c.per_million_tokens) for _, c in days],
         })
-    return {"data": traces, "layout": {**_LAYOUT, "yaxis": {"title": {"text": "cost per 1M tokens"}}}}
+    return {"data": traces, "layout": {**LAYOUT, "xaxis": DAY_AXIS,
+                                       "yaxis": y_axis(title={"text": "cost per 1M tokens"},
+                                                      tickformat=",.2f")}}
 
 
 def cost_breakdown_chart(periods: list[SitePeriod]) -> dict:
@@ -32,7 +32,9 @@ def cost_breakdown_chart(periods: list[SitePeriod]) -> dict:
         traces.append({"type": "bar", "name": f"{label} total", "x": x, "y": [_num(c.total) for _, c in days]})
         traces.append({"type": "scatter", "mode": "lines", "name": f"{label} unallocated", "x": x,
                        "y": [_num(c.idle) for _, c in days], "line": {"dash": "dot"}})
-    return {"data": traces, "layout": {**_LAYOUT, "barmode": "group", "yaxis": {"title": {"text": "cost per day"}}}}
+    return {"data": traces, "layout": {**LAYOUT, "barmode": "group",
+                                       "xaxis": DAY_AXIS,
+                                       "yaxis": y_axis(title={"text": "cost per day"}, tickformat=",.0f")}}
 
 
 def utilization_curve_chart(points: dict[str, list[tuple[float, Decimal, str]]]) -> dict:
@@ -42,29 +44,35 @@ def utilization_curve_chart(points: dict[str, list[tuple[float, Decimal, str]]])
          "hovertemplate": "%{text}: %{x}% busy, %{y:.3f} per 1M tokens<extra>%{fullData.name}</extra>"}
         for site, pts in points.items()
     ]
-    layout = {**_LAYOUT, "hovermode": "closest", "xaxis": {"title": {"text": "utilization (%)"}},
-              "yaxis": {"title": {"text": "cost per 1M tokens"}}}
+    layout = {**LAYOUT, "hovermode": "closest",
+              "xaxis": x_axis(title={"text": "utilization (%)"}, ticksuffix="%"),
+              "yaxis": y_axis(title={"text": "cost per 1M tokens"}, tickformat=",.2f")}
     return {"data": traces, "layout": layout}
 
 
-# Node series carry epoch milliseconds: a date axis shows them as UTC times.
-_DATE_AXIS = {"type": "date"}
+# (title with its unit, series key, scale from the series' unit, y tick format)
+NODE_CHARTS = (("util", "Utilization (%)", 1, ".0f"), ("memory", "Memory used (GiB)", 1 / 1024, ",.0f"),
+               ("power", "Power (W)", 1, ",.0f"), ("temp", "Temperature (°C)", 1, ".0f"))
+
+
+def _scaled(values: list, scale: float) -> list:
+    return values if scale == 1 else [None if v is None else round(v * scale, 1) for v in values]
 
 
 def node_charts(series: dict) -> list[dict]:
-    """Utilization, memory, power and temperature per GPU, and tokens/s per endpoint."""
+    """Utilization, memory, power and temperature per GPU, and tokens/s per endpoint; each title names its unit
+    (the axis carries plain numbers)."""
     charts = []
-    for key, title, unit in (("util", "Utilization", "%"), ("memory", "Memory used", "MiB"),
-                             ("power", "Power", "W"), ("temp", "Temperature", "°C")):
+    for key, title, scale, ticks in NODE_CHARTS:
         charts.append({"id": f"chart-{key}", "title": title, "figure": {
-            "data": [{"type": "scatter", "mode": "lines", "name": g["name"], "x": g["ts"], "y": g[key]}
+            "data": [{"type": "scatter", "mode": "lines", "name": g["name"], "x": g["ts"], "y": _scaled(g[key], scale)}
                      for g in series["gpus"]],
-            "layout": {**_LAYOUT, "height": 260, "xaxis": _DATE_AXIS, "yaxis": {"title": {"text": unit}}},
+            "layout": {**LAYOUT, "height": 280, "xaxis": TIME_AXIS, "yaxis": y_axis(tickformat=ticks)},
         }})
     charts.append({"id": "chart-tokens", "title": "Tokens per second (input + output)", "figure": {
         "data": [{"type": "scatter", "mode": "lines", "name": t["name"], "x": t["ts"], "y": t["tps"]}
                  for t in series["tokens"]],
-        "layout": {**_LAYOUT, "height": 260, "xaxis": _DATE_AXIS, "yaxis": {"title": {"text": "tokens/s"}}},
+        "layout": {**LAYOUT, "height": 280, "xaxis": TIME_AXIS, "yaxis": y_axis(tickformat=".3~s")},
     }})
     return charts
 
@@ -84,6 +92,9 @@ def what_if_chart(model, result) -> dict:
         {"type": "scatter", "mode": "markers", "name": "scenario", "marker": {"size": 14, "symbol": "star"},
          "x": [round(result.utilization * 100, 1)], "y": [_num(result.cost_per_million)]},
     ]
-    layout = {**_LAYOUT, "hovermode": "closest", "xaxis": {"title": {"text": "utilization (%)"}},
-              "yaxis": {"title": {"text": f"cost per 1M tokens ({model.site.currency})"}, "type": "log"}}
+    # A log axis labelled at 1, 2 and 5 of each decade (plotly's "D2"), so no tick goes unlabelled.
+    layout = {**LAYOUT, "hovermode": "closest",
+              "xaxis": x_axis(title={"text": "utilization (%)"}, ticksuffix="%"),
+              "yaxis": y_axis(title={"text": f"cost per 1M tokens ({model.site.currency})"}, type="log",
+                             dtick="D2", tickformat=",.2f")}
     return {"data": traces, "layout": layout}

@@ -1,14 +1,13 @@
 """Plotly figure specs for SLA compliance (plain dicts, drawn by plotly.js: see templates/includes/figure.html)."""
 
+from portal.charts import TIME_AXIS, layout, y_axis
 from portal.sla.models import SLI_UNITS, SlaEvaluation, Sli
-
-_LAYOUT = {"margin": {"l": 60, "r": 20, "t": 30, "b": 40}, "height": 280, "legend": {"orientation": "h"},
-           "hovermode": "x unified"}
 
 
 def _axis(sli: str) -> dict:
     unit = SLI_UNITS[Sli(sli)]
-    return {"title": {"text": "seconds" if unit == "s" else "percent"}, "rangemode": "tozero"}
+    return y_axis(title={"text": "seconds" if unit == "s" else "percent"}, rangemode="tozero",
+                  tickformat=".2~f" if unit == "s" else ".1f")
 
 
 def sli_chart(sli: str, evaluations: list[SlaEvaluation], *, name: str = "measured") -> dict:
@@ -20,7 +19,7 @@ def sli_chart(sli: str, evaluations: list[SlaEvaluation], *, name: str = "measur
          "marker": {"color": colors, "size": 5}, "line": {"color": "#4a6fd1"}},
         {"type": "scatter", "mode": "lines", "name": "target", "x": x, "y": [float(e.target) for e in evaluations],
          "line": {"dash": "dash", "color": "#888", "shape": "hv"}},
-    ], "layout": {**_LAYOUT, "yaxis": _axis(sli)}}
+    ], "layout": layout(height=280, xaxis=TIME_AXIS, yaxis=_axis(sli))}
 
 
 def fleet_sli_chart(sli: str, series: dict[str, list[SlaEvaluation]]) -> dict:
@@ -39,4 +38,4 @@ def fleet_sli_chart(sli: str, series: dict[str, list[SlaEvaluation]]) -> dict:
         for target, names in sorted(targets.items()):
             traces.append({"type": "scatter", "mode": "lines", "name": f"target {target:g} ({', '.join(names)})",
                            "x": span, "y": [target, target], "line": {"dash": "dash", "color": "#888"}})
-    return {"data": traces, "layout": {**_LAYOUT, "yaxis": _axis(sli)}}
+    return {"data": traces, "layout": layout(height=280, xaxis=TIME_AXIS, yaxis=_axis(sli))}

@@ -3,9 +3,7 @@
 from datetime import date, timedelta
 
 from portal.capacity.selectors import UsageLine
-
-_LAYOUT = {"margin": {"l": 70, "r": 20, "t": 30, "b": 40}, "height": 340, "legend": {"orientation": "h"},
-           "hovermode": "x unified", "barmode": "stack"}
+from portal.charts import DAY_AXIS, layout, y_axis
 
 
 def usage_by_day_chart(lines: list[UsageLine], *, start: date, end: date) -> dict:
@@ -20,4 +18,5 @@ def usage_by_day_chart(lines: list[UsageLine], *, start: date, end: date) -> dic
         {"type": "bar", "name": model, "x": [f"{d:%Y-%m-%d}" for d in days], "y": [per_day.get(d, 0) for d in days]}
         for model, per_day in sorted(by_model.items())
     ]
-    return {"data": traces, "layout": {**_LAYOUT, "yaxis": {"title": {"text": "tokens per day"}}}}
+    return {"data": traces, "layout": layout(height=340, barmode="stack", xaxis=DAY_AXIS,
+                                             yaxis=y_axis(title={"text": "tokens per day"}, tickformat=".3~s"))}
