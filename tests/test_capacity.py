@@ -10,7 +10,7 @@ from portal.alerts.models import Alert
 from portal.audit.models import AuditEntry
 from portal.capacity.forms import AllocationForm
 from portal.capacity.models import Allocation, CapacityRequest, Deployment, RequestStatus
-from portal.capacity.selectors import capacity_overview, placement_propose, usage_for_tenant
+from portal.capacity.selectors import capacity_overview, last_complete_minute, placement_propose, usage_for_tenant
 from portal.capacity.services import (
     CapacityError,
     allocation_create,
@@ -215,6 +215,21 @@ class TestDeploymentsAndUsage:
         quota_set(tenant=tenant, tokens_per_minute=None, gpus=4)
         assert quotas_check() == []
         assert Alert.objects.get().resolved_at is not None
+
+    def test_a_tokens_quota_alert_counts_whole_tokens_of_the_minute_the_tenant_sees(self):
+        tenant, node = TenantFactory(), NodeFactory()
+        gpus, _ = make_gpus(node, n=1)
+        url = "http://127.0.0.1:8000/metrics"
+        deployment_create(tenant=tenant, name="llama", model_name="llama-8b", engine="vllm", node=node,
+                          metrics_url=url, allocations=[allocation_create(tenant=tenant, gpu=gpus[0], starts_at=T0)],
+                          active_from=T0)
+        endpoint = ServingEndpoint.objects.create(node=node, url=url, model="llama-8b", engine="vllm")
+        now = datetime(2026, 11, 3, 12, 30, 20, tzinfo=UTC)
+        UsageMinute.objects.create(endpoint=endpoint, ts=last_complete_minute(now=now), prompt_tokens=1_200_000,
+                                   generation_tokens=34_567)
+        quota_set(tenant=tenant, tokens_per_minute=1_000_000, gpus=None)
+        assert quotas_check(now=now) == [f"quota:tokens:{tenant.pk}"]
+        assert Alert.objects.get().detail == "1,234,567 used against a quota of 1,000,000"
 
 
 @pytest.mark.django_db

@@ -206,7 +206,9 @@ def quotas_check(*, now: datetime | None = None) -> list[str]:
             if limit is not None and used > limit:
                 alert_raise(key=key, kind="quota", severity=Severity.WARNING, at=now,
                             title=f"{quota.tenant} is over its {label} quota",
-                            detail=f"{used:,.2f} used against a quota of {limit:,}")
+                            # tokens are whole; GPUs held count MIG slices in sevenths
+                            detail=f"{used:,} used against a quota of {limit:,}" if isinstance(used, int) else
+                            f"{used:,.2f} used against a quota of {limit:,}")
                 over.append(key)
             else:
                 alert_resolve_key(key=key)
