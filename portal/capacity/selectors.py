@@ -5,8 +5,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from django.db.models import Q, QuerySet, Sum
-from django.db.models.functions import TruncDay, TruncHour
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from portal.capacity.models import WHOLE_GPU_SLOTS, Allocation, CapacityRequest, Deployment
@@ -91,17 +90,25 @@ def usage_tiers(*, start: datetime, end: datetime, now: datetime) -> list[tuple[
     return [(model, lo, hi) for model, lo, hi in parts if lo < hi]
 
 
-def usage_rows(*, endpoint_ids: list[int], start: datetime, end: datetime, now: datetime | None = None,
-               per: type[TruncDay] | type[TruncHour] = TruncDay):
-    """Usage of endpoints over [start, end), as (day or hour, endpoint_id, prompt, generation, ok, failed) sums."""
-    for model, lo, hi in usage_tiers(start=start, end=end, now=now or timezone.now()):
-        yield from (
-            model.objects.filter(endpoint_id__in=endpoint_ids, ts__gte=lo, ts__lt=hi)
-            .annotate(day=per("ts")).values("day", "endpoint_id")
-            .annotate(p=Sum("prompt_tokens"), g=Sum("generation_tokens"), ok=Sum("requests_ok"),
-                      failed=Sum("requests_failed"))
-            .values_list("day", "endpoint_id", "p", "g", "ok", "failed")
-        )
+USAGE_COUNTS = ("prompt_tokens", "generation_tokens", "requests_ok", "requests_failed")
+
+
+def owned_usage(*, windows: list["DeploymentWindow"], now: datetime, fields: tuple[str, ...] = USAGE_COUNTS):
+    """Every usage row the windows own, as (window, ts, *fields): one query per usage tier whatever the number
+    of windows. A row goes to the window of its endpoint that contains its time; windows of one endpoint never
+    overlap (deployment_windows), so each row has one owner."""
+    where: dict[type, Q] = {}
+    by_endpoint: dict[int, list[DeploymentWindow]] = defaultdict(list)
+    for window in windows:
+        for endpoint_id in window.endpoint_ids:
+            by_endpoint[endpoint_id].append(window)
+        for model, lo, hi in usage_tiers(start=window.start, end=window.end, now=now):
+            part = Q(endpoint_id__in=window.endpoint_ids, ts__gte=lo, ts__lt=hi)
+            where[model] = where[model] | part if model in where else part
+    for model, condition in where.items():
+        for endpoint_id, ts, *values in model.objects.filter(condition).values_list(
+                "endpoint_id", "ts", *fields).iterator(chunk_size=5000):
+            yield next(w for w in by_endpoint[endpoint_id] if w.start <= ts < w.end), ts, *values
 
 
 @dataclass
@@ -124,16 +131,17 @@ def usage_for_tenant(*, tenant: Tenant, start: datetime, end: datetime, by_day: 
     """The tenant's token and request usage over [start, end), per model (and day, and site): usage of its
     deployments' endpoints while each deployment was live. Exact integers, as the agents reported them."""
     lines: dict[tuple[str, datetime | None, int | None], UsageLine] = {}
-    deployments = list(Deployment.objects.filter(tenant=tenant))
-    for window in deployment_windows(deployments, start, end):
-        for day, _endpoint, p, g, ok, failed in usage_rows(endpoint_ids=window.endpoint_ids, start=window.start,
-                                                          end=window.end, now=now):
-            key = (window.model, day if by_day else None, window.site_id if by_site else None)
-            line = lines.setdefault(key, UsageLine(model=window.model, day=key[1], site_id=key[2]))
-            line.prompt_tokens += p or 0
-            line.generation_tokens += g or 0
-            line.requests_ok += ok or 0
-            line.requests_failed += failed or 0
+    windows = deployment_windows(list(Deployment.objects.filter(tenant=tenant)), start, end)
+    for window, ts, p, g, ok, failed in owned_usage(windows=windows, now=now or timezone.now()):
+        day = ts.replace(hour=0, minute=0, second=0, microsecond=0) if by_day else None
+        key = (window.model, day, window.site_id if by_site else None)
+        line = lines.get(key)
+        if line is None:
+            line = lines[key] = UsageLine(model=window.model, day=day, site_id=key[2])
+        line.prompt_tokens += p
+        line.generation_tokens += g
+        line.requests_ok += ok
+        line.requests_failed += failed
     return sorted(lines.values(), key=lambda ln: (ln.day or start, ln.model, ln.site_id or 0))
 
 
@@ -259,11 +267,11 @@ def deployment_tokens_by_hour(*, start: datetime, end: datetime, now: datetime |
     deployments = list(Deployment.objects.filter(active_from__lt=end).filter(
         Q(ended_at__isnull=True) | Q(ended_at__gt=start)))
     out: dict[tuple[int, datetime], tuple[int, int]] = defaultdict(lambda: (0, 0))
-    for window in deployment_windows(deployments, start, end):
-        for hour, _endpoint, p, g, _ok, _failed in usage_rows(endpoint_ids=window.endpoint_ids, start=window.start,
-                                                            end=window.end, now=now, per=TruncHour):
-            prompt, generation = out[(window.deployment_id, hour)]
-            out[(window.deployment_id, hour)] = (prompt + (p or 0), generation + (g or 0))
+    windows = deployment_windows(deployments, start, end)
+    for window, ts, p, g, _ok, _failed in owned_usage(windows=windows, now=now or timezone.now()):
+        key = (window.deployment_id, hour_floor(ts))
+        prompt, generation = out[key]
+        out[key] = (prompt + p, generation + g)
     return dict(out)
 
 

@@ -11,11 +11,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, QuerySet
 from django.utils import timezone
 
 from portal.capacity.models import Deployment
-from portal.capacity.selectors import deployment_windows, usage_tiers
+from portal.capacity.selectors import deployment_windows, owned_usage
 from portal.sla.models import QUANTILE_SLIS, SlaBreach, SlaEvaluation, SlaObjective, SlaPolicy, Sli
 from portal.telemetry.histograms import Histogram, merge, quantile
 from portal.tenants.models import Tenant, TenantStatus
@@ -37,25 +37,19 @@ class _Totals:
 
 
 def _totals(*, tenant: Tenant, start: datetime, end: datetime, now: datetime, histograms: list[str]) -> _Totals:
-    """Sums over the usage the tenant owned in [start, end): one query per usage tier, whatever the number of
-    deployments (the hourly beat and a seeded month call this thousands of times)."""
+    """Sums over the usage the tenant owned in [start, end) (capacity.selectors.owned_usage: one query per usage
+    tier, however many deployments; the hourly beat and a seeded month call this thousands of times)."""
     totals = _Totals()
-    where: dict[type, Q] = {}
-    for window in deployment_windows(list(Deployment.objects.filter(tenant=tenant)), start, end):
-        for model, lo, hi in usage_tiers(start=window.start, end=window.end, now=now):
-            part = Q(endpoint_id__in=window.endpoint_ids, ts__gte=lo, ts__lt=hi)
-            where[model] = where[model] | part if model in where else part
-    for model, condition in where.items():
-        rows = model.objects.filter(condition).values_list(
-            "requests_ok", "requests_failed", "probes", "probes_up", *histograms)
-        for ok, failed, probes, up, *values in rows.iterator(chunk_size=2000):
-            totals.requests_ok += ok
-            totals.requests_failed += failed
-            totals.probes += probes
-            totals.probes_up += up
-            for name, h in zip(histograms, values, strict=True):
-                if h is not None:
-                    totals.histograms[name] = merge(totals.histograms[name], h)
+    windows = deployment_windows(list(Deployment.objects.filter(tenant=tenant)), start, end)
+    fields = ("requests_ok", "requests_failed", "probes", "probes_up", *histograms)
+    for _window, _ts, ok, failed, probes, up, *values in owned_usage(windows=windows, now=now, fields=fields):
+        totals.requests_ok += ok
+        totals.requests_failed += failed
+        totals.probes += probes
+        totals.probes_up += up
+        for name, h in zip(histograms, values, strict=True):
+            if h is not None:
+                totals.histograms[name] = merge(totals.histograms[name], h)
     return totals
 
 

@@ -14,12 +14,12 @@ from portal.capacity.selectors import (
     UsageLine,
     deployment_windows,
     last_complete_minute,
+    owned_usage,
     tenant_allocations,
     tenant_capacity_requests,
     tenant_deployments,
     tenant_usage_last_minute,
     usage_for_tenant,
-    usage_rows,
 )
 from portal.fleet.models import Gpu, MigInstance, ServingEndpoint
 from portal.tenants.models import ApiKey, Invitation, MemberRole, Membership, Plan, Tenant, TenantStatus
@@ -180,14 +180,14 @@ def deployment_usage_by_day(*, deployment: Deployment, start: date, end: date,
     now = now or timezone.now()
     lo, hi = day_range(start, end)
     days: dict[datetime, UsageLine] = {}
-    for window in deployment_windows([deployment], lo, min(hi, now)):
-        for day, _endpoint, p, g, ok, failed in usage_rows(endpoint_ids=window.endpoint_ids, start=window.start,
-                                                           end=window.end, now=now):
-            line = days.setdefault(day, UsageLine(model=deployment.model_name, day=day))
-            line.prompt_tokens += p or 0
-            line.generation_tokens += g or 0
-            line.requests_ok += ok or 0
-            line.requests_failed += failed or 0
+    for _window, ts, p, g, ok, failed in owned_usage(windows=deployment_windows([deployment], lo, min(hi, now)),
+                                                     now=now):
+        day = ts.replace(hour=0, minute=0, second=0, microsecond=0)
+        line = days.setdefault(day, UsageLine(model=deployment.model_name, day=day))
+        line.prompt_tokens += p
+        line.generation_tokens += g
+        line.requests_ok += ok
+        line.requests_failed += failed
     return [days[d] for d in sorted(days)]
 
 
