@@ -12,6 +12,7 @@ from agents import config as cfgmod
 from agents.simulate import SimEngines, SimNvml
 from portal.capacity.models import Allocation, Deployment
 from portal.demo.seed import seed_demo
+from portal.economics.selectors import tokens_per_second_now
 from portal.fleet.models import Gpu, Node
 from portal.telemetry import histograms
 from portal.telemetry.models import GpuMinute, UsageMinute
@@ -100,7 +101,10 @@ def test_the_seeded_last_minute_and_the_first_simulated_minute_agree(seeded):
             assert seeded_minute == pytest.approx(live_tokens, rel=0.12, abs=1), (node.hostname, url)
             fleet["tokens_seeded"] += seeded_minute
             fleet["tokens_live"] += live_tokens
-    # The fleet tiles: tokens/s, utilization now, GPU power now.
+    # The fleet tiles: tokens/s (read from the seeded last minute until the agents' raw samples arrive),
+    # utilization now, GPU power now.
+    assert tokens_per_second_now(now=now + timezone.timedelta(seconds=5)) == pytest.approx(
+        fleet["tokens_seeded"] / 60)
     assert fleet["tokens_seeded"] / 60 == pytest.approx(fleet["tokens_live"] / 60, rel=0.03)
     assert fleet["util_seeded"] == pytest.approx(fleet["util_live"], rel=0.02)
     assert fleet["power_seeded"] == pytest.approx(fleet["power_live"], rel=0.02)

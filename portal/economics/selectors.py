@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from django.db.models import F, Q, Sum
+from django.db.models import Count, F, Q, Sum
 from django.db.models.functions import TruncDay
 from django.utils import timezone
 
@@ -21,7 +21,7 @@ from portal.economics.models import CostHour, DeploymentDay, DeploymentHour
 from portal.fleet.models import Node, Site
 from portal.fleet.selectors import gpus_on_books
 from portal.hours import hour_ceil, hours_between
-from portal.telemetry.models import GpuHour, RollupWatermark, SiteHour, UsageSample
+from portal.telemetry.models import GpuHour, RollupWatermark, SiteHour, UsageMinute, UsageSample
 from portal.tenants.models import Tenant
 
 # Sums of the attributed-cost columns (economics.models._AttributedCost), under their own names.
@@ -152,10 +152,17 @@ def utilization_over(*, start: datetime, end: datetime) -> float | None:
 
 
 def tokens_per_second_now(*, window: timedelta = timedelta(seconds=60), now: datetime | None = None) -> float:
+    """Tokens per second over the minute that ended 10 s ago, from the raw samples; before any raw sample is
+    there (a seeded history, or a portal just restored) from the last complete minute of the minute tier."""
     now = now or timezone.now()
-    agg = UsageSample.objects.filter(ts__gte=now - window - timedelta(seconds=10), ts__lt=now - timedelta(
-        seconds=10)).aggregate(p=Sum("prompt_tokens"), g=Sum("generation_tokens"))
-    return ((agg["p"] or 0) + (agg["g"] or 0)) / window.total_seconds()
+    total = UsageSample.objects.filter(ts__gte=now - window - timedelta(seconds=10), ts__lt=now - timedelta(
+        seconds=10)).aggregate(tokens=Sum(F("prompt_tokens") + F("generation_tokens")), rows=Count("pk"))
+    if not total["rows"]:
+        minute = now.replace(second=0, microsecond=0) - timedelta(minutes=1)
+        total = UsageMinute.objects.filter(ts=minute).aggregate(
+            tokens=Sum(F("prompt_tokens") + F("generation_tokens")))
+        return (total["tokens"] or 0) / 60
+    return (total["tokens"] or 0) / window.total_seconds()
 
 
 def attributed_through() -> datetime | None:
