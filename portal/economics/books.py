@@ -22,12 +22,13 @@ from django.db.models import F, Q, Sum
 from django.utils import timezone
 
 from portal.billing.models import Invoice, InvoiceStatus
-from portal.billing.selectors import as_utc, next_month, price_book_for_tenant
+from portal.billing.selectors import as_utc, next_month
 from portal.capacity.models import Allocation, Deployment
 from portal.capacity.selectors import usage_for_tenant
 from portal.economics.costmodel import ZERO, capex_per_gpu_hour, energy_cost, kwh
 from portal.economics.models import CostHour, DeploymentHour
 from portal.economics.pnl import billed_tenants, site_pnl
+from portal.economics.revenue import month_invoice
 from portal.fleet.models import Site
 from portal.fleet.selectors import gpus_on_books
 from portal.hours import HOUR, hour_floor
@@ -203,19 +204,14 @@ def _tokens(month: date, start: datetime, end: datetime, now: datetime) -> Check
 
 
 def _revenue(month: date, now: datetime) -> Check:
-    from portal.billing.services import invoice_compute  # services import billing's selectors
-
     check = Check("revenue", "The P&L's revenue is the sum of the invoices' lines, per currency")
     start, end = as_utc(month), min(as_utc(next_month(month)), now)
     invoiced: dict[str, Decimal] = defaultdict(Decimal)
     for tenant in billed_tenants():
-        issued = Invoice.objects.filter(tenant=tenant, period_start=month, status=InvoiceStatus.ISSUED).first()
-        if issued is not None:
-            invoiced[issued.currency] += issued.total
-        else:
-            book = price_book_for_tenant(tenant=tenant)
-            computed = invoice_compute(tenant=tenant, book=book, period_start=month, now=end)
-            invoiced[book.currency] += sum((line.amount for line in computed.lines), Decimal("0.00"))
+        found = month_invoice(tenant=tenant, period_start=month, now=end)
+        if found is not None:
+            currency, lines = found
+            invoiced[currency] += sum((amount for _kind, _model, _price, amount in lines), Decimal("0.00"))
     reported: dict[str, Decimal] = defaultdict(Decimal)
     for line in site_pnl(start=start, end=end, now=now):
         for currency, amount in line.revenue.items():

@@ -1,20 +1,21 @@
 """Factory P&L for capital partners: per site and month, revenue (exactly what the invoices charge, split by
-site: billing.revenue), attributed cost (the attribution tier: every GPU-hour on the books), gross margin,
+site: economics.revenue), attributed cost (the attribution tier: every GPU-hour on the books), gross margin,
 utilization and allocation rate; and the payback of the site's GPU capex at its current run rate (the last 30
 days' gross margin). Revenue and cost are compared only in the same currency: no FX here."""
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
-from django.db.models import Sum
+from django.db.models import Q, Sum
+from django.db.models.functions import TruncMonth
 from django.utils import timezone
 
-from portal.billing.revenue import invoiced_by_site, usage_revenue_by_site
 from portal.billing.selectors import as_utc, next_month
 from portal.economics.costmodel import HOURS_PER_MONTH
 from portal.economics.models import CostHour
+from portal.economics.revenue import invoiced_by_site, usage_amounts, usage_revenue_by_site
 from portal.economics.selectors import COST_SUMS, Cost, cost_of, deployment_sums
 from portal.fleet.models import Site
 from portal.fleet.selectors import gpus_on_books
@@ -71,7 +72,8 @@ def billed_tenants():
 
 def site_pnl(*, start: datetime, end: datetime, by_month: bool = True, now: datetime | None = None) -> list[PnlLine]:
     """P&L lines per site (and month) over [start, end). By month, revenue is each tenant-month's invoice (issued,
-    or the draft as of now); over any other period, usage revenue rounded per line as invoices are."""
+    else its draft: economics.revenue); over any other period, usage revenue rounded per line as invoices are. Every
+    figure is read from month- and day-sized sums, so the page costs the same whatever the fleet's size."""
     now = now or timezone.now()
     sites = {s.pk: s for s in Site.objects.all()}
     lines: dict[tuple[int, date | None], PnlLine] = {}
@@ -83,20 +85,25 @@ def site_pnl(*, start: datetime, end: datetime, by_month: bool = True, now: date
             lines[key] = PnlLine(site=site, month=key[1] or start.date(), cost=Cost(currency=site.currency))
         return lines[key]
 
-    for r in (CostHour.objects.filter(ts__gte=start, ts__lt=end).values("site_id", "tenant_id", "ts")
-              .annotate(**COST_SUMS).order_by()):
-        pnl = line(r["site_id"], r["ts"])
+    costs = CostHour.objects.filter(ts__gte=start, ts__lt=end)
+    group = ("site_id", "month") if by_month else ("site_id",)
+    if by_month:
+        costs = costs.annotate(month=TruncMonth("ts", tzinfo=UTC))
+    for r in (costs.values(*group).annotate(held=Sum("gpu_hours", filter=Q(tenant__isnull=False)), **COST_SUMS)
+              .order_by()):
+        pnl = line(r["site_id"], r.get("month") or start)
         pnl.cost.add(cost_of(pnl.site.currency, r))
-        if r["tenant_id"] is not None:
-            pnl.allocated_gpu_hours += r["gpu_hours"]
+        pnl.allocated_gpu_hours += r["held"] or 0
     for r in deployment_sums(start=start, end=end, group=("day", "deployment__node__site_id"),
                              sums={"p": Sum("prompt_tokens"), "g": Sum("generation_tokens")}):
         line(r["deployment__node__site_id"], r["day"]).cost.tokens += r["p"] + r["g"]
+    tenants = list(billed_tenants())
+    amounts = usage_amounts(tenants=tenants, start=start, end=end)
     revenue: dict[tuple[int, date | None], dict[str, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
-    for tenant in billed_tenants():
-        periods = ([(month, invoiced_by_site(tenant=tenant, period_start=month, now=min(now, end)))
+    for tenant in tenants:
+        periods = ([(month, invoiced_by_site(tenant=tenant, period_start=month, now=min(now, end), amounts=amounts))
                     for month in _months(start, end)] if by_month
-                   else [(start, usage_revenue_by_site(tenant=tenant, start=start, end=end, now=now))])
+                   else [(start, usage_revenue_by_site(tenant=tenant, amounts=amounts))])
         for when, found in periods:
             if found is None:
                 continue
@@ -104,8 +111,8 @@ def site_pnl(*, start: datetime, end: datetime, by_month: bool = True, now: date
             for site_id, amount in by_site.items():
                 if site_id is not None and amount:
                     revenue[(site_id, line(site_id, when).month if by_month else None)][currency] += amount
-    for key, amounts in revenue.items():
-        lines[key].revenue = dict(amounts)
+    for key, amounts_by_currency in revenue.items():
+        lines[key].revenue = dict(amounts_by_currency)
     return sorted(lines.values(), key=lambda p: (p.site.name, p.month))
 
 
