@@ -1,17 +1,21 @@
-"""Dashboard benchmark: server time of the fleet page, a node page and the economics page on a 10,000-GPU fleet
-with 30 days of history in PostgreSQL, beside the raw SQL of the same aggregate, in one run.
+"""Dashboard benchmark: server time of the fleet page, a node page, the economics page, the P&L and the capacity
+page on a 10,000-GPU fleet with 30 days of history in PostgreSQL, beside the raw SQL of the same aggregate, in one
+run; then again while background work runs, and again with 3 days of history.
 
     .venv/bin/python benchmarks/bench_dashboard.py [--gpus 10000] [--days 30] [--requests 30]
 
 1. Creates a fresh database (tokenmill_bench_dash), migrates it, and seeds GPUS/8 nodes over 4 sites with a tenant
    deployment per node, GpuHour and UsageHour for DAYS days (COPY), SiteHour (tokens) for every hour, the minute tier
-   for the last 24 h of the measured node, and cost attribution (CostHour, which the economics page reads) for the
-   last 7 days.
+   for the last 24 h of the measured node, cost attribution (CostHour, which the economics pages read) for the last
+   7 days, a price book per tenant, last month's invoices issued and this month's drafts (as the beat keeps
+   them).
 2. Times each page through Django's test client in this process (server time: view, queries, template; no network),
    REQUESTS times after a warm-up, and the raw SQL of the page's central aggregate the same number of times.
-3. Deletes all history older than 3 days and times the pages again: a page whose time does not grow with history
+3. Times the pages again while a second process re-attributes the last day in a loop (what the demo's long
+   queue worker does after a backdated change): the pages must not stall behind background work.
+4. Deletes all history older than 3 days and times the pages again: a page whose time does not grow with history
    shows a ratio near 1.
-4. Drops the database, even on error.
+5. Prints whether each page's p95 is under the 300 ms goal, and drops the database, even on error.
 """
 
 from __future__ import annotations
@@ -48,13 +52,16 @@ def timed(fn, n: int) -> tuple[float, float]:
 
 
 def seed(gpus: int, days: int) -> dict:
+    from portal.billing.models import ModelPrice, PriceBook
+    from portal.billing.selectors import month_start
+    from portal.billing.services import invoice_month, invoice_refresh_draft
     from portal.capacity.models import Allocation, Deployment
     from portal.economics.services import cost_hours_attribute
     from portal.fleet.models import Gpu, Node, NodeStatus, ServingEndpoint, Site
     from portal.telemetry.bulk import insert_rows
-    from portal.telemetry.models import GpuHour, GpuMinute, UsageHour
+    from portal.telemetry.models import GpuHour, GpuMinute, RollupWatermark, UsageHour
     from portal.telemetry.rollups import rollup_site_hours
-    from portal.tenants.models import Tenant, TenantStatus
+    from portal.tenants.models import Plan, Tenant, TenantStatus
 
     rng = random.Random(1)
     now = datetime.now(tz=UTC).replace(second=0, microsecond=0)
@@ -96,7 +103,18 @@ def seed(gpus: int, days: int) -> dict:
                              "energy_mj": 27_000_000, "temp_max_c": 70.0}
                             for g in gpu_rows[:8] for ts in minutes])
     rollup_site_hours(hours=hours)
-    cost_hours_attribute(hours=[h for h in hours if h >= now - timedelta(days=7)])
+    cost_hours_attribute(hours=[h for h in hours if h >= now - timedelta(days=7)], now=now)
+    RollupWatermark.objects.create(name="attribution", stored_until=now)
+    plan = Plan.objects.create(name="Bench plan")
+    book = PriceBook.objects.create(plan=plan, currency="USD")
+    ModelPrice.objects.create(book=book, model_name="llama", effective_from=(now - timedelta(days=200)).date(),
+                              input_per_mtok=Decimal("0.10"), output_per_mtok=Decimal("0.40"))
+    Tenant.objects.update(plan=plan)
+    this_month = month_start(now.date())
+    for tenant in Tenant.objects.all():  # as the beat keeps them: last month issued, this month's draft fresh
+        if start.date() < this_month:
+            invoice_month(tenant=tenant, period_start=month_start(this_month - timedelta(days=1)), now=now)
+        invoice_refresh_draft(tenant=tenant, period_start=this_month, now=now)
     return {"node": node.pk, "hours": len(hours)}
 
 
@@ -127,6 +145,12 @@ def measure(client, node_id: int, n: int) -> list[tuple[str, float, float, float
         ("economics (attribution tier, 7 d)", lambda: client.get("/economics/?period=7d"),
          sql(f"SELECT site_id, date_trunc('day', ts), sum(capex + energy + opex), sum(gpu_hours) "
              f"FROM economics_costhour WHERE ts >= '{since}' GROUP BY 1, 2")),
+        ("P&L (6 months, 20 tenants' invoices)", lambda: client.get("/economics/pnl/"),
+         sql("SELECT site_id, date_trunc('month', ts), sum(capex + energy + opex) FROM economics_costhour "
+             "GROUP BY 1, 2")),
+        ("capacity (totals + a page of nodes)", lambda: client.get("/capacity/"),
+         sql("SELECT n.site_id, g.name, count(*) FROM fleet_gpu g JOIN fleet_node n ON n.id = g.node_id "
+             "GROUP BY 1, 2")),
     ]
     out = []
     for name, page, raw in cases:
@@ -136,6 +160,31 @@ def measure(client, node_id: int, n: int) -> list[tuple[str, float, float, float
         r50, r95 = timed(raw, n)
         out.append((name, p50, p95, r50, r95))
     return out
+
+
+BACKGROUND = """
+import time
+from datetime import timedelta
+from django.utils import timezone
+from portal.economics.services import cost_hours_attribute
+from portal.hours import hours_between
+while True:
+    now = timezone.now()
+    cost_hours_attribute(hours=hours_between(now - timedelta(days=1), now), now=now)
+"""
+
+
+def with_background_work(run):
+    """run() while another process re-attributes the last day in a loop against the same database."""
+    worker = subprocess.Popen([sys.executable, "manage.py", "shell", "-c", BACKGROUND], cwd=REPO, env=os.environ,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(5)  # past its start-up, into its first run
+        assert worker.poll() is None, "the background worker died"
+        return run()
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
 
 
 def main() -> int:
@@ -168,6 +217,7 @@ def main() -> int:
 
         gc.freeze()  # as portal/wsgi.py does in every server process once Django is loaded
         full = measure(client, info["node"], args.requests)
+        busy = with_background_work(lambda: measure(client, info["node"], args.requests))
         from django.db import connection
 
         with connection.cursor() as cursor:
@@ -176,9 +226,16 @@ def main() -> int:
             cursor.execute("VACUUM ANALYZE")
         short = measure(client, info["node"], args.requests)
         print(f"\n{'case':38} {'p50 ms':>8} {'p95 ms':>8} {'raw SQL p50':>12} {'page/raw':>9} "
-              f"{'p95, 3 d history':>17} {'30 d / 3 d':>11}")
-        for (name, p50, p95, r50, _r95), (_n, _s50, s95, _q50, _q95) in zip(full, short, strict=True):
-            print(f"{name:38} {p50:8.1f} {p95:8.1f} {r50:12.2f} {p50 / r50:9.1f} {s95:17.1f} {p95 / s95:11.2f}")
+              f"{'p95, busy':>10} {'p95, 3 d':>9} {'30 d / 3 d':>11}")
+        for (name, p50, p95, r50, _r95), (_b, _b50, b95, _, _), (_n, _s50, s95, _q50, _q95) in zip(
+                full, busy, short, strict=True):
+            print(f"{name:38} {p50:8.1f} {p95:8.1f} {r50:12.2f} {p50 / r50:9.1f} {b95:10.1f} {s95:9.1f} "
+                  f"{p95 / s95:11.2f}")
+        print()
+        for (name, _p50, p95, _r50, _r95), (_b, _b50, b95, _, _) in zip(full, busy, strict=True):
+            worst = max(p95, b95)
+            print(f"goal: {name}: p95 {worst:.0f} ms with and without background work, under 300 ms: "
+                  f"{'met' if worst < 300 else 'SHORT'}")
     finally:
         from django.db import connections
 

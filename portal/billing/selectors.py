@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from decimal import ROUND_HALF_UP, Decimal
 
-from django.db.models import QuerySet
+from django.db.models import Min, QuerySet
 from django.utils import timezone
 
 from portal.billing.models import Commitment, Invoice, InvoiceLine, ModelPrice, PriceBook
+from portal.capacity.models import Allocation
 from portal.capacity.selectors import usage_for_tenant
 from portal.tenants.models import Plan, Tenant, TenantStatus
 
@@ -49,6 +50,19 @@ def price_book_for_tenant(*, tenant: Tenant) -> PriceBook | None:
     if tenant.plan_id is None:
         return None
     return PriceBook.objects.filter(plan_id=tenant.plan_id).first()
+
+
+def price_books_for(*, tenants: list[Tenant]) -> dict[int, PriceBook | None]:
+    """price_book_for_tenant for many tenants in one query."""
+    books = {b.plan_id: b for b in PriceBook.objects.filter(plan_id__in={t.plan_id for t in tenants})}
+    return {t.pk: books.get(t.plan_id) for t in tenants}
+
+
+def service_starts(*, tenants: list[Tenant]) -> dict[int, datetime]:
+    """When each tenant's service began: the start of the first capacity it held (none yet: absent). Commitments
+    are owed from then on."""
+    return dict(Allocation.objects.filter(tenant__in=tenants).values_list("tenant_id")
+                .annotate(first=Min("starts_at")).order_by())
 
 
 def _day(at: date | datetime) -> date:

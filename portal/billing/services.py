@@ -38,9 +38,9 @@ from portal.billing.selectors import (
     next_month,
     price_book_for_tenant,
     priced_usage,
+    service_starts,
     to_cents,
 )
-from portal.capacity.models import Allocation
 from portal.sla.models import SLI_UNITS, Sli
 from portal.sla.selectors import objectives_for_tenant, sla_breached_windows
 from portal.tenants.models import Plan, Tenant
@@ -109,8 +109,8 @@ def invoice_compute(*, tenant: Tenant, book: PriceBook, period_start: date, now:
 
 
 def service_start(*, tenant: Tenant) -> datetime | None:
-    """When the tenant's service began: the start of the first capacity it held."""
-    return Allocation.objects.filter(tenant=tenant).order_by("starts_at").values_list("starts_at", flat=True).first()
+    """When the tenant's service began (billing.selectors.service_starts)."""
+    return service_starts(tenants=[tenant]).get(tenant.pk)
 
 
 def prorated_minimum(*, tenant: Tenant, monthly_minimum: Decimal,

@@ -28,7 +28,7 @@ from portal.capacity.selectors import usage_for_tenant
 from portal.economics.costmodel import ZERO, capex_per_gpu_hour, energy_cost, kwh
 from portal.economics.models import CostHour, DeploymentHour
 from portal.economics.pnl import billed_tenants, site_pnl
-from portal.economics.revenue import month_invoice
+from portal.economics.revenue import MonthInvoices
 from portal.fleet.models import Site
 from portal.fleet.selectors import gpus_on_books
 from portal.hours import HOUR, hour_floor
@@ -207,8 +207,10 @@ def _revenue(month: date, now: datetime) -> Check:
     check = Check("revenue", "The P&L's revenue is the sum of the invoices' lines, per currency")
     start, end = as_utc(month), min(as_utc(next_month(month)), now)
     invoiced: dict[str, Decimal] = defaultdict(Decimal)
-    for tenant in billed_tenants():
-        found = month_invoice(tenant=tenant, period_start=month, now=end)
+    tenants = list(billed_tenants())
+    invoices = MonthInvoices(tenants=tenants, months=[month], now=end)
+    for tenant in tenants:
+        found = invoices.lines(tenant=tenant, period_start=month)
         if found is not None:
             currency, lines = found
             invoiced[currency] += sum((amount for _kind, _model, _price, amount in lines), Decimal("0.00"))

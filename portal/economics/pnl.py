@@ -15,7 +15,7 @@ from django.utils import timezone
 from portal.billing.selectors import as_utc, next_month
 from portal.economics.costmodel import HOURS_PER_MONTH
 from portal.economics.models import CostHour
-from portal.economics.revenue import invoiced_by_site, usage_amounts, usage_revenue_by_site
+from portal.economics.revenue import MonthInvoices, invoiced_by_site, usage_amounts, usage_revenue_by_site
 from portal.economics.selectors import COST_SUMS, Cost, cost_of, deployment_sums
 from portal.fleet.models import Site
 from portal.fleet.selectors import gpus_on_books
@@ -99,9 +99,10 @@ def site_pnl(*, start: datetime, end: datetime, by_month: bool = True, now: date
         line(r["deployment__node__site_id"], r["day"]).cost.tokens += r["p"] + r["g"]
     tenants = list(billed_tenants())
     amounts = usage_amounts(tenants=tenants, start=start, end=end)
+    invoices = MonthInvoices(tenants=tenants, months=_months(start, end) if by_month else [], now=min(now, end))
     revenue: dict[tuple[int, date | None], dict[str, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
     for tenant in tenants:
-        periods = ([(month, invoiced_by_site(tenant=tenant, period_start=month, now=min(now, end), amounts=amounts))
+        periods = ([(month, invoiced_by_site(tenant=tenant, period_start=month, invoices=invoices, amounts=amounts))
                     for month in _months(start, end)] if by_month
                    else [(start, usage_revenue_by_site(tenant=tenant, amounts=amounts))])
         for when, found in periods:

@@ -15,7 +15,16 @@ from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
 from django.db.models import Sum
 
 from portal.billing.models import Invoice, InvoiceStatus, LineKind
-from portal.billing.selectors import CENT, MILLION, PriceIndex, as_utc, next_month, price_book_for_tenant
+from portal.billing.selectors import (
+    CENT,
+    MILLION,
+    PriceIndex,
+    as_utc,
+    next_month,
+    price_book_for_tenant,
+    price_books_for,
+    service_starts,
+)
 from portal.capacity.selectors import allocations_overlapping
 from portal.economics.selectors import deployment_sums
 from portal.tenants.models import Tenant
@@ -43,28 +52,45 @@ def largest_remainder(total: Decimal, weights: dict) -> dict:
     return {k: sign * v for k, v in parts.items()}
 
 
-def month_invoice(*, tenant: Tenant, period_start: date, now: datetime) -> tuple[str, list[Line]] | None:
-    """(currency, lines) of the tenant's invoice for the month: issued, else the stored draft, else computed now;
-    None without a price book."""
-    from portal.billing.services import invoice_compute  # billing's services import its selectors
+class MonthInvoices:
+    """The invoices of some tenants for some months, as the P&L counts them: issued, else the stored draft
+    (refreshed every hour and on demand), else computed now; a month before the tenant's service started has no
+    lines (no usage, and no commitment is owed before service starts). Stored invoices, price books and service
+    starts are read at once for all of them."""
 
-    book = price_book_for_tenant(tenant=tenant)
-    if book is None:
-        return None
-    stored = {inv.status: inv for inv in Invoice.objects.filter(
-        tenant=tenant, period_start=period_start, status__in=[InvoiceStatus.ISSUED, InvoiceStatus.DRAFT])
-        .prefetch_related("lines")}
-    invoice = stored.get(InvoiceStatus.ISSUED) or stored.get(InvoiceStatus.DRAFT)
-    if invoice is not None:
-        return invoice.currency, [(ln.kind, ln.model_name, ln.price_id, ln.amount) for ln in invoice.lines.all()]
-    computed = invoice_compute(tenant=tenant, book=book, period_start=period_start, now=now)
-    return book.currency, [(ln.kind, ln.model_name, ln.price.pk if ln.price else None, ln.amount)
-                           for ln in computed.lines]
+    def __init__(self, *, tenants: list[Tenant], months: list[date], now: datetime):
+        self.now = now
+        self.books = price_books_for(tenants=tenants)
+        self.stored: dict[tuple[int, date], Invoice] = {}
+        for invoice in (Invoice.objects.filter(tenant__in=tenants, period_start__in=months,
+                                               status__in=[InvoiceStatus.ISSUED, InvoiceStatus.DRAFT])
+                        .prefetch_related("lines")):
+            key = (invoice.tenant_id, invoice.period_start)
+            if key not in self.stored or invoice.status == InvoiceStatus.ISSUED:
+                self.stored[key] = invoice
+        self.service_start = service_starts(tenants=tenants)
+
+    def lines(self, *, tenant: Tenant, period_start: date) -> tuple[str, list[Line]] | None:
+        """(currency, lines) of the tenant's invoice for the month; None without a price book."""
+        from portal.billing.services import invoice_compute  # billing's services import its selectors
+
+        book = self.books.get(tenant.pk)
+        if book is None:
+            return None
+        invoice = self.stored.get((tenant.pk, period_start))
+        if invoice is not None:
+            return invoice.currency, [(ln.kind, ln.model_name, ln.price_id, ln.amount) for ln in invoice.lines.all()]
+        started = self.service_start.get(tenant.pk)
+        if started is None or started >= min(as_utc(next_month(period_start)), self.now):
+            return book.currency, []
+        computed = invoice_compute(tenant=tenant, book=book, period_start=period_start, now=self.now)
+        return book.currency, [(ln.kind, ln.model_name, ln.price.pk if ln.price else None, ln.amount)
+                               for ln in computed.lines]
 
 
 def usage_amounts(*, tenants: list[Tenant], start: datetime, end: datetime) -> Amounts:
     """Exact (unrounded) usage amounts per tenant, month, (model, price version) and site over [start, end)."""
-    indexes = {t.pk: PriceIndex(price_book_for_tenant(tenant=t)) for t in tenants}
+    indexes = {tenant_id: PriceIndex(book) for tenant_id, book in price_books_for(tenants=tenants).items()}
     out: Amounts = defaultdict(lambda: defaultdict(Decimal))
     for r in deployment_sums(start=start, end=end, group=("day", "deployment__tenant_id", "deployment__model_name",
                                                           "deployment__node__site_id"),
@@ -89,11 +115,12 @@ def _held_by_site(tenant: Tenant, start: datetime, end: datetime) -> dict[int, D
     return {site: seconds for site, seconds in held.items() if seconds > 0}
 
 
-def invoiced_by_site(*, tenant: Tenant, period_start: date, now: datetime,
+def invoiced_by_site(*, tenant: Tenant, period_start: date, invoices: MonthInvoices,
                      amounts: Amounts) -> tuple[str, dict[int | None, Decimal]] | None:
     """(currency, revenue per site) of the tenant's invoice for the month; None without a price book. `amounts`
     are usage_amounts() over a range covering the month."""
-    found = month_invoice(tenant=tenant, period_start=period_start, now=now)
+    now = invoices.now
+    found = invoices.lines(tenant=tenant, period_start=period_start)
     if found is None:
         return None
     currency, lines = found
