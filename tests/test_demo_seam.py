@@ -130,4 +130,7 @@ def test_free_gpus_idle_and_tenants_differ_in_latency(seeded):
         if merged:
             p95.setdefault(deployment.tenant.slug, []).append(histograms.quantile(0.95, merged))
     tenants = {slug: sum(v) / len(v) for slug, v in p95.items()}
-    assert len(tenants) >= 3 and len({round(v, 3) for v in tenants.values()}) == len(tenants)
+    # each endpoint draws its own latency, so the fleet's tenants do not all see one p95 (two may
+    # come close by chance; the spread between the fastest and the slowest is what a user sees)
+    assert len(tenants) >= 3
+    assert max(tenants.values()) > 1.1 * min(tenants.values())
