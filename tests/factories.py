@@ -92,6 +92,10 @@ class GpuFactory(factory.django.DjangoModelFactory):
     installed_at = BOOKS_SINCE
 
 
+def admin_of(tenant: Tenant, **kwargs) -> User:
+    return MembershipFactory(tenant=tenant, role=MemberRole.ADMIN, **kwargs).user
+
+
 def node_with_credential(**kwargs) -> tuple[Node, str]:
     node = NodeFactory(**kwargs)
     return node, node_credential_issue(node=node)
