@@ -310,6 +310,24 @@ class TestCapacityPages:
         assert form.fields["gpu"].label_from_instance(gpus[0]) == f"iad1-h100-09 · GPU 0 · {gpus[0].name}"
         assert form.fields["mig_instance"].label_from_instance(migs[0]) == "iad1-h100-09 · GPU 3 · MIG 3g.40gb (GI 2)"
 
+    def test_it_returns_only_to_pages_of_this_site_and_names_a_unit_it_cannot_read(self, client):
+        admin = OperatorFactory()
+        client.login(username=admin.username, password=PASSWORD)
+        (gpu, *_), _ = make_gpus(NodeFactory(), n=1)
+        r = client.post("/capacity/allocations/new/", {"tenant": TenantFactory().pk, "gpu": gpu.pk,
+                                                       "starts_at": "2026-11-01 00:00",
+                                                       "next": "https://evil.example/capacity/"})
+        assert (r.status_code, r["Location"]) == (302, "/capacity/")
+        allocation = Allocation.objects.get()
+        r = client.post(f"/capacity/allocations/{allocation.pk}/release/", {"next": "//evil.example/"})
+        assert (r.status_code, r["Location"]) == (302, "/capacity/")
+        request = CapacityRequest.objects.create(tenant=TenantFactory(), model_name="m", gpu_type="H100", count=1,
+                                                 starts_at=timezone.now())
+        for unit in ("\u00b2", f"{gpu.pk}:\u00b9", "1:2:3"):
+            r = client.post(f"/capacity/requests/{request.pk}/fulfil/", {"unit": unit}, follow=True)
+            assert r.status_code == 200 and "does not name a unit; choose units from" in r.content.decode()
+        assert Allocation.objects.count() == 1
+
     def test_viewers_see_capacity_but_cannot_change_it(self, client):
         viewer = ViewerFactory()
         client.login(username=viewer.username, password=PASSWORD)

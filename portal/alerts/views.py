@@ -2,8 +2,6 @@ from django.contrib import messages
 from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
-from django.urls import reverse
-from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
 from portal.accounts.access import operator_admin_required, operator_required
@@ -19,16 +17,9 @@ from portal.alerts.services import (
     notification_channel_set_enabled,
 )
 from portal.params import cleaned_params, query_params
+from portal.redirects import next_url
 
 PAGE_SIZE = 50
-
-
-def _back(request: HttpRequest) -> str:
-    """Where a non-htmx action returns: the list the form was posted from, if it is ours."""
-    url = request.POST.get("next", "")
-    if url_has_allowed_host_and_scheme(url, allowed_hosts={request.get_host()}, require_https=request.is_secure()):
-        return url
-    return reverse("alerts:list")
 
 
 @operator_required
@@ -64,7 +55,7 @@ def _act(request: HttpRequest, alert_id: int, action, done: str) -> HttpResponse
         response["HX-Trigger"] = "alerts-changed"  # the state tabs refetch their counts
         return response
     messages.success(request, f"{done}: {alert.title}")
-    return redirect(_back(request))
+    return redirect(next_url(request, "alerts:list"))
 
 
 @operator_admin_required

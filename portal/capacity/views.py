@@ -1,3 +1,5 @@
+import re
+
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
@@ -31,6 +33,7 @@ from portal.capacity.services import (
 from portal.fleet.models import Gpu, MigInstance, Site
 from portal.fleet.selectors import gpu_models
 from portal.params import query_params
+from portal.redirects import next_url
 from portal.tenants.models import Tenant, TenantStatus
 
 NODES_PER_PAGE = 10
@@ -78,7 +81,7 @@ def allocation_new(request: HttpRequest) -> HttpResponse:
         else:
             audit_record(actor=request.user, action="allocation.create", target=allocation, tenant=data["tenant"])
             messages.success(request, f"Allocated: {allocation_summary(allocation)}.")
-            return redirect(request.POST.get("next") or "capacity:overview")
+            return redirect(next_url(request, "capacity:overview"))
     return _overview(request, form=form, status=400)
 
 
@@ -95,7 +98,7 @@ def allocation_release(request: HttpRequest, allocation_id: int) -> HttpResponse
     else:
         audit_record(actor=request.user, action="allocation.end", target=label, tenant=allocation.tenant)
         messages.success(request, f"Released from now: {label.replace(' holds ', ' held ', 1)}.")
-    return redirect(request.POST.get("next") or "capacity:overview")
+    return redirect(next_url(request, "capacity:overview"))
 
 
 @operator_required
@@ -114,7 +117,7 @@ def request_fulfil(request: HttpRequest, request_id: int) -> HttpResponse:
     units = []
     for value in request.POST.getlist("unit"):
         gpu_id, _, mig_id = value.partition(":")
-        if not gpu_id.isdigit() or (mig_id and not mig_id.isdigit()):
+        if not re.fullmatch(r"[0-9]+(:[0-9]+)?", value):  # ASCII digits: int() refuses "²"
             messages.error(request, f"{value!r} does not name a unit; choose units from the proposal.")
             return redirect("capacity:request", request_id=request_id)
         gpu = get_object_or_404(Gpu, pk=int(gpu_id))
