@@ -1,9 +1,12 @@
 """Re-attribution coalesced: a burst of changes reaching into the past queues one background run, which
 re-attributes the union of their ranges; a run whose message was lost is caught up by the beat entry."""
 
+import threading
+import time
 from datetime import timedelta
 
 import pytest
+from django.db import connection, transaction
 from django.db.models import Sum
 from django.utils import timezone
 
@@ -75,3 +78,56 @@ def test_a_range_reaching_further_back_than_31_days_is_cut_to_that():
     reattribution_request(start=now - timedelta(days=400))
     (row,) = PendingAttribution.objects.all()
     assert row.start >= now - timedelta(days=31, seconds=1) and row.end <= timezone.now()
+
+
+def test_a_backdated_change_months_ago_is_re_attributed_however_long_ago(queued, django_capture_on_commit_callbacks):
+    now = timezone.now()
+    start = hour_floor(now) - timedelta(days=100)
+    node = NodeFactory(installed_at=start)
+    gpu = GpuFactory(node=node, index=0, installed_at=start)
+    RollupWatermark.objects.create(name="attribution", stored_until=now)
+    held_from, held_to = start + timedelta(days=5), start + timedelta(days=8)
+    cost_hours_attribute(hours=hours_between(start, start + timedelta(days=10)), now=now)
+    tenant = TenantFactory()
+    with django_capture_on_commit_callbacks(execute=True):  # recorded today, for three days 95 days ago
+        allocation_create(tenant=tenant, gpu=gpu, starts_at=held_from, ends_at=held_to)
+    assert reattribution_run() == len(hours_between(held_from, held_to))
+    assert _held(tenant) == pytest.approx(72, abs=1e-6)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="SQLite lets one transaction write at a time")
+def test_two_attributions_of_the_same_hours_at_once_store_one_set_of_rows():
+    now = timezone.now()
+    start = hour_floor(now) - timedelta(hours=6)
+    node = NodeFactory(installed_at=start)
+    for i in range(2):
+        GpuFactory(node=node, index=i, installed_at=start)
+    hours = hours_between(start, now)
+    first_wrote, errors = threading.Event(), []
+
+    def attribute(*, first: bool) -> None:
+        try:
+            if first:
+                with transaction.atomic():
+                    cost_hours_attribute(hours=hours, now=now)
+                    first_wrote.set()
+                    time.sleep(0.5)  # the other run starts while these rows are not committed yet
+            else:
+                first_wrote.wait(10)
+                cost_hours_attribute(hours=hours, now=now)
+        except Exception as exc:  # reported by the test thread
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=attribute, kwargs={"first": first}) for first in (True, False)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    site_hours = len(hours)  # one site, nobody holding anything: one idle row an hour
+    assert CostHour.objects.count() == site_hours
+    held = CostHour.objects.aggregate(g=Sum("gpu_hours"))["g"]
+    assert float(held) == pytest.approx(2 * (now - start) / timedelta(hours=1), abs=1e-6)

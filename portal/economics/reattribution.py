@@ -15,7 +15,8 @@ from portal.hours import hours_between
 
 # Set while a run is queued and not yet started, so further requests only add their range.
 QUEUED_KEY = "economics:reattribution-queued"
-# Never further back than this (a mistyped year must not recompute a decade).
+# A range asked for is cut to its last 31 days (a mistyped year must not recompute a decade); how long ago it lies
+# does not matter: the books re-attribute any past month.
 REACH = timedelta(days=31)
 
 
@@ -49,7 +50,7 @@ def reattribution_run() -> int:
         hours = set()
         if through is not None:
             for row in pending:
-                hours.update(hours_between(max(row.start, through - REACH), min(row.end, through)))
+                hours.update(hours_between(row.start, min(row.end, through)))
             cost_hours_attribute(hours=sorted(hours), now=through)
         PendingAttribution.objects.filter(pk__in=[row.pk for row in pending]).delete()
     return len(hours)

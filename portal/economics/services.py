@@ -15,8 +15,10 @@ from portal.economics.attribution import HOUR, attribute
 from portal.economics.costmodel import CAPACITY_FIELDS, ZERO
 from portal.economics.models import CostHour, DeploymentDay, DeploymentHour
 from portal.economics.selectors import attribution_inputs
+from portal.locks import transaction_lock
 
 PLACES = Decimal("0.00000001")
+ATTRIBUTION_LOCK = "economics.attribution"
 
 
 def _quantized(values: dict[str, Decimal]) -> dict[str, Decimal]:
@@ -33,12 +35,15 @@ def cost_hours_attribute(*, hours: list[datetime], now: datetime | None = None) 
     if not hours:
         return 0
     start, end = hours[0], hours[-1] + HOUR
-    attributed = attribute(hours=hours, now=now, **attribution_inputs(start=start, end=end))
-    tokens = deployment_tokens_by_hour(start=start, end=min(end, now), now=now)
-    rows = _cost_rows(attributed.tenants)
-    wanted = set(hours)
-    deployment_keys = set(attributed.deployments) | {key for key in tokens if key[1] in wanted}
     with transaction.atomic():
+        # The rollups (every minute) and a re-attribution run (the long queue) may replace the same hours at
+        # once: without the lock, each deletes what the other has not committed yet and both sets would stay.
+        transaction_lock(ATTRIBUTION_LOCK)
+        attributed = attribute(hours=hours, now=now, **attribution_inputs(start=start, end=end))
+        tokens = deployment_tokens_by_hour(start=start, end=min(end, now), now=now)
+        rows = _cost_rows(attributed.tenants)
+        wanted = set(hours)
+        deployment_keys = set(attributed.deployments) | {key for key in tokens if key[1] in wanted}
         CostHour.objects.filter(ts__in=hours).delete()
         CostHour.objects.bulk_create(rows, batch_size=5000)
         DeploymentHour.objects.filter(ts__in=hours).delete()
