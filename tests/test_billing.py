@@ -182,6 +182,20 @@ class TestInvoices:
         september = invoice_month(tenant=tenant, period_start=date(2026, 9, 1), now=AFTER)
         assert september.total == 0  # before its service started: nothing is owed
 
+    def test_the_pnl_owes_what_the_invoice_owes_for_a_service_starting_later_this_month(self):
+        from portal.billing.services import invoice_compute
+        from portal.economics.pnl import site_pnl
+
+        tenant, _eps = served_tenant(since=datetime(2026, 10, 21, 9, tzinfo=UTC))
+        Commitment.objects.create(book=tenant.plan.price_book, effective_from=date(2026, 9, 1),
+                                  monthly_minimum=Decimal("310.00"))
+        now = datetime(2026, 10, 15, tzinfo=UTC)  # no draft stored yet; the service begins in six days
+        owed = invoice_compute(tenant=tenant, book=tenant.plan.price_book, period_start=OCT, now=now)
+        assert sum(line.amount for line in owed.lines) == Decimal("110.00")
+        revenue = sum(line.revenue.get("USD", 0) for line in site_pnl(start=T0, end=NOV,
+                                                                       now=now))
+        assert revenue == Decimal("110.00")
+
     def test_invoicing_a_tenant_month_twice_yields_one_invoice(self):
         tenant, eps = served_tenant()
         add_usage(eps[LLAMA_8B], T0, 1_000_000, 1_000_000)

@@ -65,6 +65,12 @@ def service_starts(*, tenants: list[Tenant]) -> dict[int, datetime]:
                 .annotate(first=Min("starts_at")).order_by())
 
 
+def served_in_month(*, started: datetime | None, period_start: date) -> bool:
+    """Whether a tenant whose service began at `started` (service_starts) owes anything for the month: it began
+    before the month ended. Invoices and the P&L both ask this."""
+    return started is not None and started < as_utc(next_month(period_start))
+
+
 def _day(at: date | datetime) -> date:
     return at.astimezone(UTC).date() if isinstance(at, datetime) else at
 

@@ -38,6 +38,7 @@ from portal.billing.selectors import (
     next_month,
     price_book_for_tenant,
     priced_usage,
+    served_in_month,
     service_starts,
     to_cents,
 )
@@ -120,7 +121,7 @@ def prorated_minimum(*, tenant: Tenant, monthly_minimum: Decimal,
     (amount, (days charged, days in month) when prorated)."""
     start = service_start(tenant=tenant)
     days_in_month = (next_month(period_start) - period_start).days
-    if start is None or start.astimezone(UTC).date() >= next_month(period_start):
+    if not served_in_month(started=start, period_start=period_start):
         return Decimal("0.00"), (0, days_in_month)
     first_day = start.astimezone(UTC).date()
     if first_day <= period_start:

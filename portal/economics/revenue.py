@@ -23,6 +23,7 @@ from portal.billing.selectors import (
     next_month,
     price_book_for_tenant,
     price_books_for,
+    served_in_month,
     service_starts,
 )
 from portal.capacity.selectors import allocations_overlapping
@@ -80,8 +81,7 @@ class MonthInvoices:
         invoice = self.stored.get((tenant.pk, period_start))
         if invoice is not None:
             return invoice.currency, [(ln.kind, ln.model_name, ln.price_id, ln.amount) for ln in invoice.lines.all()]
-        started = self.service_start.get(tenant.pk)
-        if started is None or started >= min(as_utc(next_month(period_start)), self.now):
+        if not served_in_month(started=self.service_start.get(tenant.pk), period_start=period_start):
             return book.currency, []
         computed = invoice_compute(tenant=tenant, book=book, period_start=period_start, now=self.now)
         return book.currency, [(ln.kind, ln.model_name, ln.price.pk if ln.price else None, ln.amount)
@@ -119,7 +119,6 @@ def invoiced_by_site(*, tenant: Tenant, period_start: date, invoices: MonthInvoi
                      amounts: Amounts) -> tuple[str, dict[int | None, Decimal]] | None:
     """(currency, revenue per site) of the tenant's invoice for the month; None without a price book. `amounts`
     are usage_amounts() over a range covering the month."""
-    now = invoices.now
     found = invoices.lines(tenant=tenant, period_start=period_start)
     if found is None:
         return None
@@ -131,7 +130,8 @@ def invoiced_by_site(*, tenant: Tenant, period_start: date, invoices: MonthInvoi
         for site, amount in by_site.items():
             every_site[site] += amount
     # A line whose usage is no longer found follows all of the month's usage; a month without usage (a commitment
-    # alone) follows the capacity the tenant held; one with neither is revenue of no site (None), which the books
+    # alone) follows the capacity the tenant holds in the month (a service starting later this month owes its
+    # commitment already, on the invoice and here); one with neither is revenue of no site (None), which the books
     # report.
     held: dict[int, Decimal] | None = None
 
@@ -142,7 +142,7 @@ def invoiced_by_site(*, tenant: Tenant, period_start: date, invoices: MonthInvoi
         if every_site:
             return dict(every_site)
         if held is None:
-            held = _held_by_site(tenant, as_utc(period_start), min(as_utc(next_month(period_start)), now))
+            held = _held_by_site(tenant, as_utc(period_start), as_utc(next_month(period_start)))
         return held or {None: Decimal(1)}
 
     revenue: dict[int | None, Decimal] = defaultdict(Decimal)
