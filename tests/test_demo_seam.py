@@ -92,8 +92,10 @@ def test_the_seeded_last_minute_and_the_first_simulated_minute_agree(seeded):
                 fleet["util_seeded"] += row.util_mean
                 fleet["util_live"] += live["util"]
             assert row.memory_used_mib_max == live["memory"], where
-            assert row.power_mean_w == pytest.approx(live["power"], rel=0.05), where
-            assert row.energy_mj == pytest.approx(live["energy_mj"], rel=0.05), where
+            # a minute apart the load moves (the 3-point utilization tolerance above): ~20 W of a GPU's power
+            # at low load, where power rises fastest with utilization
+            assert row.power_mean_w == pytest.approx(live["power"], rel=0.05, abs=20.0), where
+            assert row.energy_mj == pytest.approx(live["energy_mj"], rel=0.05, abs=20.0 * 60 * 1000), where
             fleet["power_seeded"] += row.power_mean_w
             fleet["power_live"] += live["power"]
         for url, live_tokens in endpoints.items():
@@ -101,9 +103,9 @@ def test_the_seeded_last_minute_and_the_first_simulated_minute_agree(seeded):
             assert seeded_minute == pytest.approx(live_tokens, rel=0.12, abs=1), (node.hostname, url)
             fleet["tokens_seeded"] += seeded_minute
             fleet["tokens_live"] += live_tokens
-    # The fleet tiles: tokens/s (read from the seeded last minute until the agents' raw samples arrive),
-    # utilization now, GPU power now.
-    assert tokens_per_second_now(now=now + timezone.timedelta(seconds=5)) == pytest.approx(
+    # The fleet tiles: tokens/s (read from the last complete, rolled-up minute until the agents' raw samples
+    # arrive: a minute from now, the seeded last minute), utilization now, GPU power now.
+    assert tokens_per_second_now(now=now + timezone.timedelta(seconds=65)) == pytest.approx(
         fleet["tokens_seeded"] / 60)
     assert fleet["tokens_seeded"] / 60 == pytest.approx(fleet["tokens_live"] / 60, rel=0.03)
     assert fleet["util_seeded"] == pytest.approx(fleet["util_live"], rel=0.02)

@@ -14,7 +14,7 @@ from django.db.models.functions import TruncDay
 from django.utils import timezone
 
 from portal.capacity.models import Allocation, Deployment
-from portal.capacity.selectors import usage_tiers
+from portal.capacity.selectors import last_complete_minute, usage_tiers
 from portal.economics.attribution import Reading, attribute
 from portal.economics.costmodel import CAPACITY_FIELDS, MILLION, ZERO
 from portal.economics.models import CostHour, DeploymentDay, DeploymentHour
@@ -153,13 +153,13 @@ def utilization_over(*, start: datetime, end: datetime) -> float | None:
 
 def tokens_per_second_now(*, window: timedelta = timedelta(seconds=60), now: datetime | None = None) -> float:
     """Tokens per second over the minute that ended 10 s ago, from the raw samples; before any raw sample is
-    there (a seeded history, or a portal just restored) from the last complete minute of the minute tier."""
+    there (a seeded history, or a portal just restored) from the last complete, rolled-up minute
+    (capacity.selectors.last_complete_minute, the one the tenant pages show)."""
     now = now or timezone.now()
     total = UsageSample.objects.filter(ts__gte=now - window - timedelta(seconds=10), ts__lt=now - timedelta(
         seconds=10)).aggregate(tokens=Sum(F("prompt_tokens") + F("generation_tokens")), rows=Count("pk"))
     if not total["rows"]:
-        minute = now.replace(second=0, microsecond=0) - timedelta(minutes=1)
-        total = UsageMinute.objects.filter(ts=minute).aggregate(
+        total = UsageMinute.objects.filter(ts=last_complete_minute(now=now)).aggregate(
             tokens=Sum(F("prompt_tokens") + F("generation_tokens")))
         return (total["tokens"] or 0) / 60
     return (total["tokens"] or 0) / window.total_seconds()

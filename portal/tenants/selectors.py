@@ -15,9 +15,9 @@ from portal.capacity.selectors import (
     deployment_windows,
     last_complete_minute,
     owned_usage,
-    tenant_allocations,
     tenant_capacity_requests,
     tenant_deployments,
+    tenant_gpus_held,
     tenant_usage_last_minute,
     usage_for_tenant,
 )
@@ -147,7 +147,6 @@ def tenant_overview(*, tenant: Tenant, now: datetime | None = None) -> Overview:
     month = day.replace(day=1)
     month_lines = usage_for_tenant(tenant=tenant, start=month, end=now, by_day=True, now=now)
     quota = Quota.objects.filter(tenant=tenant).first()
-    held = sum(a.gpu_share for a in tenant_allocations(tenant=tenant, at=now) if a.starts_at <= now)
     return Overview(
         tokens_today=_tokens([ln for ln in month_lines if ln.day and ln.day >= day]),
         tokens_month=_tokens(month_lines),
@@ -155,7 +154,7 @@ def tenant_overview(*, tenant: Tenant, now: datetime | None = None) -> Overview:
         minute=last_complete_minute(now=now),  # the minute the quota is checked on
         tokens_last_minute=tenant_usage_last_minute(tenant=tenant, now=now),
         tokens_per_minute_quota=quota.tokens_per_minute if quota else None,
-        gpus_held=round(held, 3),
+        gpus_held=round(tenant_gpus_held(tenant=tenant, at=now), 3),  # as the GPU quota counts
         gpus_quota=quota.gpus if quota else None,
         quota_set=quota is not None,
     )
