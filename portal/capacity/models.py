@@ -6,11 +6,22 @@ own. The database refuses two allocations of the same GPU whose slots and times 
 PostgreSQL, triggers on SQLite: migration 0002), so one unit is never held by two tenants at once.
 """
 
+from decimal import Decimal
+
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
 WHOLE_GPU_SLOTS = (0, 1000)
+
+
+GPU_SLICES = 7  # compute slices of a MIG-capable GPU (A100, H100)
+
+
+def unit_share(mig_slices: int | None) -> Decimal:
+    """The share of a GPU's compute a unit is, wherever capacity is counted or costed: a whole GPU (no MIG
+    instance) 1, a MIG instance its slices out of 7."""
+    return Decimal(mig_slices) / GPU_SLICES if mig_slices is not None else Decimal(1)
 
 
 class Allocation(models.Model):
@@ -43,9 +54,13 @@ class Allocation(models.Model):
         return f"{self.tenant} holds {unit} of GPU {self.gpu_id} from {self.starts_at:%Y-%m-%d %H:%M}"
 
     @property
+    def share(self) -> Decimal:
+        """Share of the GPU's compute it holds (unit_share)."""
+        return unit_share(self.mig_instance.slices if self.mig_instance_id else None)
+
+    @property
     def gpu_share(self) -> float:
-        """Share of the GPU's compute: 1 for a whole GPU, slices/7 for a MIG instance."""
-        return self.mig_instance.slices / 7 if self.mig_instance_id else 1.0
+        return float(self.share)
 
 
 class RequestStatus(models.TextChoices):

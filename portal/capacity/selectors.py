@@ -5,10 +5,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from django.db.models import Q, QuerySet
+from django.db.models import BooleanField, Case, Count, Q, QuerySet, Sum, When
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from portal.capacity.models import WHOLE_GPU_SLOTS, Allocation, CapacityRequest, Deployment
+from portal.capacity.models import WHOLE_GPU_SLOTS, Allocation, CapacityRequest, Deployment, unit_share
 from portal.fleet.models import Gpu, MigInstance, Node, NodeStatus, ServingEndpoint
 from portal.hours import hour_ceil, hour_floor
 from portal.telemetry.models import UsageHour, UsageMinute
@@ -169,21 +170,26 @@ def capacity_overview(*, now: datetime | None = None) -> list[CapacityRow]:
     actually busy (latest utilization), committed to start later, and allocated-but-idle."""
     now = now or timezone.now()
     rows: dict[tuple[str, str], CapacityRow] = {}
-    gpus = {g.pk: g for g in Gpu.objects.exclude(node__status=NodeStatus.DECOMMISSIONED).select_related("node__site")}
-    for gpu in gpus.values():
-        row = rows.setdefault((gpu.node.site.name, gpu.name), CapacityRow(site=gpu.node.site.name, gpu_type=gpu.name))
-        row.total += 1
-        row.busy += (gpu.current_util or 0) / 100
-    held = Allocation.objects.filter(gpu_id__in=gpus).filter(Q(ends_at__isnull=True) | Q(ends_at__gt=now))
-    for a in held.select_related("mig_instance"):
-        gpu = gpus[a.gpu_id]
-        row = rows[(gpu.node.site.name, gpu.name)]
-        share = a.gpu_share
-        if a.starts_at <= now:
-            row.allocated += share
-            row.allocated_idle += share * (1 - (gpu.current_util or 0) / 100)
+    # Summed in the database per site, model and kind of unit: at 10,000 GPUs, rows in Python cost more than SQL.
+    in_service = Gpu.objects.exclude(node__status=NodeStatus.DECOMMISSIONED)
+    for r in (in_service.values("node__site__name", "name")
+              .annotate(n=Count("pk"), util=Sum(Coalesce("current_util", 0.0))).order_by()):
+        rows[(r["node__site__name"], r["name"])] = CapacityRow(site=r["node__site__name"], gpu_type=r["name"],
+                                                               total=r["n"], busy=r["util"] / 100)
+    held = (Allocation.objects.filter(Q(ends_at__isnull=True) | Q(ends_at__gt=now), gpu__in=in_service)
+            .annotate(started=Case(When(starts_at__lte=now, then=True), default=False,
+                                   output_field=BooleanField()))
+            .values("gpu__node__site__name", "gpu__name", "mig_instance__profile", "started")
+            .annotate(n=Count("pk"), util=Sum(Coalesce("gpu__current_util", 0.0))).order_by())
+    for r in held:
+        row = rows[(r["gpu__node__site__name"], r["gpu__name"])]
+        profile = r["mig_instance__profile"]
+        share = float(unit_share(MigInstance.profile_slices(profile) if profile else None))
+        if r["started"]:
+            row.allocated += share * r["n"]
+            row.allocated_idle += share * (r["n"] - r["util"] / 100)
         else:
-            row.committed += share
+            row.committed += share * r["n"]
     return sorted(rows.values(), key=lambda r: (r.site, r.gpu_type))
 
 

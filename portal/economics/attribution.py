@@ -83,7 +83,7 @@ def attribute(*, hours: Iterable[datetime], now: datetime, sites: dict[int, Site
             held = ZERO
             for allocation in allocations.get(gpu.gpu_id, ()):
                 a_lo, a_hi = _clip(allocation.starts_at, allocation.ends_at, g_lo, g_hi)
-                slice_ = Decimal(allocation.mig_instance.slices) / 7 if allocation.mig_instance_id else Decimal(1)
+                slice_ = allocation.share
                 weight = _hours(a_lo, a_hi) * slice_
                 if weight <= 0:
                     continue

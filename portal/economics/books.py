@@ -139,7 +139,7 @@ def _existence(start: datetime, end: datetime) -> Check:
     held: dict[tuple[int, int, datetime], Decimal] = defaultdict(Decimal)
     for a in (Allocation.objects.filter(starts_at__lt=end).filter(Q(ends_at__isnull=True) | Q(ends_at__gt=start))
               .select_related("mig_instance")):
-        share = Decimal(a.mig_instance.slices) / 7 if a.mig_instance_id else Decimal(1)
+        share = a.share
         for gpu in on_books.get(a.gpu_id, ()):
             lo, hi = max(a.starts_at, gpu.start, start), min(a.ends_at or end, gpu.end or end, end)
             hour = hour_floor(lo)

@@ -147,10 +147,14 @@ class MigInstance(models.Model):
     def __str__(self) -> str:
         return f"{self.profile} (GI {self.gi_id})"
 
+    @staticmethod
+    def profile_slices(profile: str) -> int:
+        """Compute slices out of the GPU's 7 in a MIG profile (the number before 'g': "3g.40gb" holds 3)."""
+        return int(profile.split("g", 1)[0])
+
     @property
     def slices(self) -> int:
-        """Compute slices out of the GPU's 7 (the number before 'g' in the profile)."""
-        return int(self.profile.split("g", 1)[0])
+        return self.profile_slices(self.profile)
 
 
 class ScrapeTarget(models.Model):
