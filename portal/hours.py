@@ -3,6 +3,7 @@
 from datetime import datetime, timedelta
 
 HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
 
 
 def hour_floor(ts: datetime) -> datetime:
@@ -21,3 +22,13 @@ def hours_between(start: datetime, end: datetime) -> list[datetime]:
         out.append(hour)
         hour += HOUR
     return out
+
+
+def day_floor(ts: datetime) -> datetime:
+    """Midnight (UTC for a UTC time) of the day `ts` is in."""
+    return ts.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def day_ceil(ts: datetime) -> datetime:
+    floor = day_floor(ts)
+    return floor if floor == ts else floor + DAY

@@ -256,3 +256,39 @@ def test_the_pnl_sets_revenue_from_price_books_against_attributed_cost(client):
     assert site_payback.capex == Decimal("70128") and site_payback.months is None  # losing money: no payback
     client.login(username=OperatorFactory().username, password=PASSWORD)
     assert "Factory P&amp;L" in client.get("/economics/pnl/").content.decode()
+
+
+@pytest.mark.django_db
+def test_a_nodes_cost_kept_for_whole_days_follows_every_re_attribution(django_capture_on_commit_callbacks):
+    from portal.economics.selectors import node_cost
+    from portal.hours import hours_between
+
+    site = fixed_site()
+    start = H - timedelta(days=4, hours=5)  # four whole days and partial days at both ends
+    node = NodeFactory(site=site, installed_at=start - timedelta(days=1))
+    gpus = [GpuFactory(node=node, uuid=gpu_uuid(), index=i, name="H100", installed_at=node.installed_at)
+            for i in range(2)]
+    GpuHour.objects.bulk_create(GpuHour(gpu=g, ts=ts, seconds=3600, util_mean=50.0, energy_mj=3_600_000_000)
+                                for g in gpus for ts in hours_between(start, H))
+    hours = hours_between(start, H)
+    cost_hours_attribute(hours=hours, now=H)
+
+    def site_tier():  # the tier's rows are stored to 8 places; the node's figure is exact
+        rows = CostHour.objects.filter(site=site, ts__gte=start, ts__lt=H)
+        idle = rows.filter(tenant=None).aggregate(t=Sum(F("capex") + F("energy") + F("opex")))["t"]
+        return cents(rows.aggregate(t=Sum(F("capex") + F("energy") + F("opex")))["t"]), cents(idle)
+
+    def cents(value):
+        return value.quantize(Decimal("0.01"))
+
+    first = node_cost(node=node, start=start, end=H, through=H)
+    assert (cents(first.total), cents(first.idle)) == site_tier() and first.idle == first.total  # none held
+    assert node_cost(node=node, start=start, end=H, through=H) == first  # the whole days from the cache
+    # Held for a day in the middle, recorded late: once re-attributed, the node's figure moves with the tier.
+    held_from = (start + timedelta(days=2)).replace(hour=0)
+    allocation_create(tenant=TenantFactory(), gpu=gpus[0], starts_at=held_from, ends_at=held_from + timedelta(days=1))
+    with django_capture_on_commit_callbacks(execute=True):  # the day's new version counts once committed
+        cost_hours_attribute(hours=hours_between(held_from, held_from + timedelta(days=1)), now=H)
+    again = node_cost(node=node, start=start, end=H, through=H)
+    assert (cents(again.total), cents(again.idle)) == site_tier()
+    assert again.total == first.total and again.idle < first.idle

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from portal.capacity.models import WHOLE_GPU_SLOTS, Allocation, CapacityRequest, Deployment, unit_share
 from portal.fleet.models import Gpu, MigInstance, Node, NodeStatus, ServingEndpoint
-from portal.hours import hour_ceil, hour_floor
+from portal.hours import day_floor, hour_ceil, hour_floor
 from portal.telemetry.models import UsageHour, UsageMinute
 from portal.tenants.models import Tenant
 
@@ -134,7 +134,7 @@ def usage_for_tenant(*, tenant: Tenant, start: datetime, end: datetime, by_day: 
     lines: dict[tuple[str, datetime | None, int | None], UsageLine] = {}
     windows = deployment_windows(list(Deployment.objects.filter(tenant=tenant)), start, end)
     for window, ts, p, g, ok, failed in owned_usage(windows=windows, now=now or timezone.now()):
-        day = ts.replace(hour=0, minute=0, second=0, microsecond=0) if by_day else None
+        day = day_floor(ts) if by_day else None
         key = (window.model, day, window.site_id if by_site else None)
         line = lines.get(key)
         if line is None:

@@ -18,7 +18,7 @@ from portal.economics.models import CostHour
 from portal.economics.revenue import MonthInvoices, invoiced_by_site, usage_amounts, usage_revenue_by_site
 from portal.economics.selectors import COST_SUMS, Cost, cost_of, deployment_sums
 from portal.fleet.models import Site
-from portal.fleet.selectors import gpus_on_books
+from portal.fleet.selectors import gpus_on_books_by_site
 from portal.tenants.models import Tenant
 
 CENT = Decimal("0.01")
@@ -104,7 +104,8 @@ def site_pnl(*, start: datetime, end: datetime, by_month: bool = True, now: date
     for tenant in tenants:
         periods = ([(month, invoiced_by_site(tenant=tenant, period_start=month, invoices=invoices, amounts=amounts))
                     for month in _months(start, end)] if by_month
-                   else [(start, usage_revenue_by_site(tenant=tenant, amounts=amounts))])
+                   else [(start, usage_revenue_by_site(tenant=tenant, book=invoices.books.get(tenant.pk),
+                                                       amounts=amounts))])
         for when, found in periods:
             if found is None:
                 continue
@@ -133,9 +134,7 @@ class Payback:
 def payback(*, now: datetime | None = None) -> list[Payback]:
     """Months to pay back each site's GPU capex on the books at the last 30 days' gross margin."""
     now = now or timezone.now()
-    installed: dict[int, int] = defaultdict(int)
-    for gpu in gpus_on_books(start=now, end=now + timedelta(seconds=1)):
-        installed[gpu.site_id] += 1
+    installed = gpus_on_books_by_site(at=now)
     recent = {p.site.pk: p for p in site_pnl(start=now - timedelta(days=30), end=now, by_month=False, now=now)}
     out = []
     for site in Site.objects.all():

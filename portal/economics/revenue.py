@@ -14,14 +14,13 @@ from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
 
 from django.db.models import Sum
 
-from portal.billing.models import Invoice, InvoiceStatus, LineKind
+from portal.billing.models import Invoice, InvoiceStatus, LineKind, PriceBook
 from portal.billing.selectors import (
     CENT,
     MILLION,
     PriceIndex,
     as_utc,
     next_month,
-    price_book_for_tenant,
     price_books_for,
     served_in_month,
     service_starts,
@@ -90,7 +89,10 @@ class MonthInvoices:
 
 def usage_amounts(*, tenants: list[Tenant], start: datetime, end: datetime) -> Amounts:
     """Exact (unrounded) usage amounts per tenant, month, (model, price version) and site over [start, end)."""
-    indexes = {tenant_id: PriceIndex(book) for tenant_id, book in price_books_for(tenants=tenants).items()}
+    books = price_books_for(tenants=tenants)
+    distinct = {book.pk: book for book in books.values() if book is not None}  # tenants share plans
+    by_book = {pk: PriceIndex(book) for pk, book in distinct.items()}
+    indexes = {tenant_id: by_book[book.pk] for tenant_id, book in books.items() if book is not None}
     out: Amounts = defaultdict(lambda: defaultdict(Decimal))
     for r in deployment_sums(start=start, end=end, group=("day", "deployment__tenant_id", "deployment__model_name",
                                                           "deployment__node__site_id"),
@@ -159,10 +161,11 @@ def invoiced_by_site(*, tenant: Tenant, period_start: date, invoices: MonthInvoi
     return currency, dict(revenue)
 
 
-def usage_revenue_by_site(*, tenant: Tenant, amounts: Amounts) -> tuple[str, dict[int | None, Decimal]] | None:
-    """(currency, usage revenue per site) over the range of `amounts`: each (model, price version) rounded to the
-    cent once, as an invoice line is, then split by site. No top-ups or credits (they belong to whole months)."""
-    book = price_book_for_tenant(tenant=tenant)
+def usage_revenue_by_site(*, tenant: Tenant, book: PriceBook | None,
+                          amounts: Amounts) -> tuple[str, dict[int | None, Decimal]] | None:
+    """(currency, usage revenue per site) over the range of `amounts` for the tenant priced by `book` (its price
+    book: billing.selectors.price_books_for): each (model, price version) rounded to the cent once, as an invoice
+    line is, then split by site. No top-ups or credits (they belong to whole months)."""
     if book is None:
         return None
     lines: dict[tuple[str, int | None], dict[int, Decimal]] = defaultdict(lambda: defaultdict(Decimal))

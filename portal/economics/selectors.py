@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+from django.core.cache import cache
 from django.db.models import Count, F, Q, Sum
 from django.db.models.functions import TruncDay
 from django.utils import timezone
@@ -20,13 +21,12 @@ from portal.economics.costmodel import CAPACITY_FIELDS, MILLION, ZERO
 from portal.economics.models import CostHour, DeploymentDay, DeploymentHour
 from portal.fleet.models import Node, Site
 from portal.fleet.selectors import gpus_on_books
-from portal.hours import hour_ceil, hours_between
+from portal.hours import DAY, day_ceil, day_floor, hour_ceil, hours_between
 from portal.telemetry.models import GpuHour, RollupWatermark, SiteHour, UsageMinute, UsageSample
 from portal.tenants.models import Tenant
 
 # Sums of the attributed-cost columns (economics.models._AttributedCost), under their own names.
 COST_SUMS = {name: Sum(name) for name in CAPACITY_FIELDS}
-CENT = Decimal("0.01")
 
 
 @dataclass
@@ -97,6 +97,8 @@ def attribution_inputs(*, start: datetime, end: datetime, node_id: int | None = 
         allocations[a.gpu_id].append(a)
     deployments_of: dict[int, list[Deployment]] = defaultdict(list)
     live = Deployment.objects.filter(active_from__lt=end).filter(Q(ended_at__isnull=True) | Q(ended_at__gt=start))
+    if node_id is not None:  # a deployment runs on units of its own node (capacity.services.deployment_create)
+        live = live.filter(node_id=node_id)
     for deployment in live.prefetch_related("allocations").order_by("pk"):
         for allocation in deployment.allocations.all():
             deployments_of[allocation.pk].append(deployment)
@@ -171,23 +173,64 @@ def attributed_through() -> datetime | None:
     return RollupWatermark.objects.filter(name="attribution").values_list("stored_until", flat=True).first()
 
 
+def attribution_version_key(day: datetime) -> str:
+    """The cache key of a UTC day's attribution version, which cost_hours_attribute bumps whenever it rewrites an
+    hour of the day: every change to what a day's cost is computed from ends in a re-attribution of its hours."""
+    return f"economics:attribution-version:{day:%Y%m%d}"
+
+
+NODE_DAY_TTL_S = 40 * 86400
+
+
 def node_cost(*, node: Node, start: datetime, end: datetime, through: datetime | None) -> Cost:
     """A node's cost and tokens over [start, end) up to `through` (attributed_through(), where every page's cost
     ends): its GPUs attributed hour by hour exactly as the books are (economics.attribution), so only the hours it
-    was on the books count, and its endpoints' usage."""
+    was on the books count, and its endpoints' usage. Whole past days are kept in the cache under their
+    attribution version, so a 30-day figure attributes the partial days at its ends, not 720 hours a request."""
     # The hours that begin in the period, as in the attribution tier, up to where attribution has reached.
     start, end = hour_ceil(start), min(end, through or start)
-    attributed = attribute(hours=hours_between(start, end), now=end,
-                           **attribution_inputs(start=start, end=end, node_id=node.pk))
     cost = Cost(currency=node.site.currency)
-    for (_site, tenant, _ts), values in attributed.tenants.items():
-        cost.add(cost_of(cost.currency, values, idle=sum((values[n] for n in ("capex", "opex", "energy")), ZERO)
-                         if tenant is None else ZERO))
-    for model, lo, hi in usage_tiers(start=start, end=end, now=end):
-        usage = model.objects.filter(endpoint__node=node, ts__gte=lo, ts__lt=hi).aggregate(
-            p=Sum("prompt_tokens"), g=Sum("generation_tokens"))
-        cost.tokens += (usage["p"] or 0) + (usage["g"] or 0)
+    first, last = day_ceil(start), day_floor(end)
+    days = [first + DAY * i for i in range((last - first) // DAY)] if first < last else []
+    versions = cache.get_many([attribution_version_key(day) for day in days])
+    keys = {day: f"economics:node-day:{node.pk}:{day:%Y%m%d}:{versions.get(attribution_version_key(day), 0)}"
+            for day in days}
+    known = cache.get_many(list(keys.values()))
+    missing = [day for day, key in keys.items() if key not in known]
+    # Two passes whatever the cache holds: the partial first day, then from the first day not kept to the end.
+    head_end = first if days else end
+    for day_cost in _node_costs_by_day(node, start, head_end, now=end).values():
+        cost.add(day_cost)
+    tail_start = min(missing, default=last) if days else end
+    tail = _node_costs_by_day(node, tail_start, end, now=end)
+    fresh = {keys[day]: tail.get(day, Cost(currency=cost.currency)) for day in missing}
+    if fresh:
+        cache.set_many(fresh, timeout=NODE_DAY_TTL_S)
+    for day, day_cost in tail.items():
+        if day >= last or day in missing:
+            cost.add(day_cost)
+    for day in days:
+        if day not in missing:
+            cost.add(known[keys[day]])
     return cost
+
+
+def _node_costs_by_day(node: Node, start: datetime, end: datetime, *, now: datetime) -> dict[datetime, Cost]:
+    """The node's cost and tokens over [start, end) per UTC day, attributed in one pass."""
+    out: dict[datetime, Cost] = defaultdict(lambda: Cost(currency=node.site.currency))
+    if start >= end:
+        return out
+    attributed = attribute(hours=hours_between(start, end), now=now,
+                           **attribution_inputs(start=start, end=end, node_id=node.pk))
+    for (_site, tenant, ts), values in attributed.tenants.items():
+        out[day_floor(ts)].add(cost_of(node.site.currency, values, idle=sum(
+            (values[n] for n in ("capex", "opex", "energy")), ZERO) if tenant is None else ZERO))
+    for model, lo, hi in usage_tiers(start=start, end=end, now=now):
+        for r in (model.objects.filter(endpoint__node=node, ts__gte=lo, ts__lt=hi)
+                  .annotate(day=TruncDay("ts", tzinfo=UTC)).values("day")
+                  .annotate(p=Sum("prompt_tokens"), g=Sum("generation_tokens")).order_by()):
+            out[r["day"]].tokens += (r["p"] or 0) + (r["g"] or 0)
+    return out
 
 
 def utilization_vs_cost(periods: list[SitePeriod]) -> dict[str, list[tuple[float, Decimal, str]]]:
@@ -233,21 +276,13 @@ class DeploymentCost:
     cost: Cost
 
 
-DAY = timedelta(days=1)
-
-
-def _day(ts: datetime) -> datetime:
-    return ts.replace(hour=0, minute=0, second=0, microsecond=0)
-
-
 def deployment_sums(*, start: datetime, end: datetime, group: tuple[str, ...], sums: dict) -> list[dict]:
     """`sums` of the deployment tier over [start, end), grouped by `group` (which may name "day"): whole UTC days
     from DeploymentDay and the partial days at either end from DeploymentHour, so the rows read grow with the
     deployments and days, not hours. Today's day row holds every hour attributed so far: it answers for the end
     of the period when no hour at or after `end` has been attributed. Rows of different tiers come back apart;
     callers add them up."""
-    first = start if start == _day(start) else _day(start) + DAY
-    last = _day(end)
+    first, last = day_ceil(start), day_floor(end)
     if first > last:
         return _grouped(DeploymentHour, start, end, group, sums)
     if last < end and not DeploymentHour.objects.filter(ts__gte=end, ts__lt=last + DAY).exists():

@@ -5,6 +5,7 @@ economics.attribution (a pure function of history); this module gathers its inpu
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+from django.core.cache import cache
 from django.db import transaction
 from django.db.models import Sum
 from django.db.models.functions import TruncDay
@@ -14,7 +15,8 @@ from portal.capacity.selectors import deployment_tokens_by_hour
 from portal.economics.attribution import HOUR, attribute
 from portal.economics.costmodel import CAPACITY_FIELDS, ZERO
 from portal.economics.models import CostHour, DeploymentDay, DeploymentHour
-from portal.economics.selectors import attribution_inputs
+from portal.economics.selectors import attribution_inputs, attribution_version_key
+from portal.hours import day_floor
 from portal.locks import transaction_lock
 
 PLACES = Decimal("0.00000001")
@@ -54,8 +56,19 @@ def cost_hours_attribute(*, hours: list[datetime], now: datetime | None = None) 
              for d, ts in sorted(deployment_keys, key=lambda k: (k[1], k[0]))],
             batch_size=5000,
         )
-        _deployment_days_refresh(days={h.replace(hour=0, minute=0, second=0, microsecond=0) for h in hours})
+        days = {day_floor(h) for h in hours}
+        _deployment_days_refresh(days=days)
+        transaction.on_commit(lambda: _attribution_versions_bump(days))
     return len(rows)
+
+
+def _attribution_versions_bump(days: set[datetime]) -> None:
+    """A new version for each day re-attributed (economics.selectors.attribution_version_key): what was kept
+    for the old one is read no more."""
+    for day in days:
+        key = attribution_version_key(day)
+        cache.add(key, 0, timeout=None)
+        cache.incr(key)
 
 
 def _cost_rows(tenants: dict[tuple[int, int | None, datetime], dict[str, Decimal]]) -> list[CostHour]:

@@ -25,11 +25,22 @@ class GpuOnBooks:
     end: datetime | None
 
 
-def gpus_on_books(*, start: datetime, end: datetime, node_id: int | None = None) -> list[GpuOnBooks]:
-    """Every GPU (of the node, if given) on the books at some moment of [start, end)."""
-    gpus = (Gpu.objects.filter(installed_at__lt=end, node__installed_at__lt=end)
+def _on_books(start: datetime, end: datetime) -> QuerySet[Gpu]:
+    """GPUs installed (they and their node) before `end` and retired (either) after `start`, if at all."""
+    return (Gpu.objects.filter(installed_at__lt=end, node__installed_at__lt=end)
             .filter(Q(retired_at__isnull=True) | Q(retired_at__gt=start))
             .filter(Q(node__retired_at__isnull=True) | Q(node__retired_at__gt=start)))
+
+
+def gpus_on_books_by_site(*, at: datetime) -> dict[int, int]:
+    """How many GPUs each site has on the books at the moment `at` (gpus_on_books' rule), counted in SQL."""
+    return dict(_on_books(at, at + timedelta(microseconds=1)).values("node__site_id").annotate(n=Count("pk"))
+                .order_by().values_list("node__site_id", "n"))
+
+
+def gpus_on_books(*, start: datetime, end: datetime, node_id: int | None = None) -> list[GpuOnBooks]:
+    """Every GPU (of the node, if given) on the books at some moment of [start, end)."""
+    gpus = _on_books(start, end)
     if node_id is not None:
         gpus = gpus.filter(node_id=node_id)
     out = []

@@ -32,6 +32,7 @@ from portal.fleet.selectors import (
     recent_enrollment_tokens,
 )
 from portal.fleet.services import enrollment_token_create
+from portal.hours import day_floor
 from portal.params import query_params
 from portal.telemetry.selectors import RANGES, node_series
 from portal.telemetry.store import batches_requeue_set_aside
@@ -52,7 +53,7 @@ def overview(request: HttpRequest) -> HttpResponse:
     filters = {"site_id": params["site"], "status": params["status"] or None, "gpu_name": params["gpu"] or None,
                "tenant_id": params["tenant"]}
     now = timezone.now()
-    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    today = day_floor(now)
     periods_today = site_costs(start=today, end=now)
     context = {
         "headline": fleet_headline(now=now),

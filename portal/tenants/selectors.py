@@ -22,6 +22,7 @@ from portal.capacity.selectors import (
     usage_for_tenant,
 )
 from portal.fleet.models import Gpu, MigInstance, ServingEndpoint
+from portal.hours import day_floor
 from portal.tenants.models import ApiKey, Invitation, MemberRole, Membership, Plan, Tenant, TenantStatus
 
 
@@ -143,7 +144,7 @@ def tenant_overview(*, tenant: Tenant, now: datetime | None = None) -> Overview:
     """Tokens today and this month, the last complete minute's tokens against the per-minute quota, and the GPUs
     held now (whole-GPU equivalents) against the GPU quota."""
     now = now or timezone.now()
-    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    day = day_floor(now)
     month = day.replace(day=1)
     month_lines = usage_for_tenant(tenant=tenant, start=month, end=now, by_day=True, now=now)
     quota = Quota.objects.filter(tenant=tenant).first()
@@ -181,7 +182,7 @@ def deployment_usage_by_day(*, deployment: Deployment, start: date, end: date,
     days: dict[datetime, UsageLine] = {}
     for _window, ts, p, g, ok, failed in owned_usage(windows=deployment_windows([deployment], lo, min(hi, now)),
                                                      now=now):
-        day = ts.replace(hour=0, minute=0, second=0, microsecond=0)
+        day = day_floor(ts)
         line = days.setdefault(day, UsageLine(model=deployment.model_name, day=day))
         line.prompt_tokens += p
         line.generation_tokens += g
