@@ -1,7 +1,7 @@
 """Sender thread: posts spooled batches oldest first; deletes only after a 2xx.
 
 Only the answers that say *this batch* can never be stored move it to the quarantine table: 409 (its seq holds
-other content), 413 (too large) and 422 (invalid). Everything else is about the path or the credential, not the
+other content; the queue behind it is renumbered after the portal's last seq), 413 (too large) and 422 (invalid). Everything else is about the path or the credential, not the
 batch, and is retried with capped exponential backoff and full jitter (Retry-After honoured): network errors, 5xx,
 429, 408, and 401/403/404 (a credential rotated on the portal, a proxy misconfigured: the credential file is read
 again on every try). `tokenmill-agent requeue` sends quarantined batches again, under their own seq.
@@ -21,13 +21,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agents.spool import Spool
+from agents.spool import SEQ_CONFLICT, Spool
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_MAX_S = 600.0
-QUARANTINE = frozenset({409, 413, 422})
+QUARANTINE = frozenset({SEQ_CONFLICT, 413, 422})
 CREDENTIAL_REJECTED = frozenset({401, 403})
+
+
+def _last_seq(detail: str) -> int | None:
+    """The portal's last seq for this node, from a 409's body (None when it does not say)."""
+    try:
+        value = json.loads(detail).get("last_seq")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -137,6 +146,14 @@ class Sender(threading.Thread):
             reason = f"HTTP {status}: {detail[:500]}"
             log.error("seq %d rejected (%s); quarantined (tokenmill-agent requeue sends it again)", seq, reason)
             spool.quarantine(seq, status, reason)
+            last_seq = _last_seq(detail) if status == SEQ_CONFLICT else None
+            if last_seq is not None:
+                # The node's numbering fell behind the portal's (its spool was lost, or restored from a backup).
+                # The batch that met it stays held: after a restore its deltas may repeat tokens the portal has,
+                # which only an operator can judge. Every later batch starts from the state that one left, newer
+                # than anything the portal holds: renumbered after the portal's last seq, each is stored once.
+                moved = spool.renumber_queue(after=last_seq)
+                log.error("the portal holds seqs up to %d: %d queued batches renumbered after it", last_seq, moved)
             spool.set_meta(last_error=f"seq {seq} quarantined: {reason}"[:500], last_error_at=time.time())
             self._failures = 0
             return 0.0

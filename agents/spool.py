@@ -26,6 +26,9 @@ CREATE TABLE IF NOT EXISTS state (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 """
 
 
+SEQ_CONFLICT = 409  # the portal's answer when it holds other content under a batch's seq
+
+
 def encode(batch: dict[str, Any]) -> bytes:
     raw = json.dumps(batch, separators=(",", ":"), allow_nan=False).encode()
     return gzip.compress(raw, compresslevel=6, mtime=0)
@@ -159,19 +162,41 @@ class Spool:
                 (seq, row[0], time.time(), status, reason[:2000], row[1], batch_tokens(decode(bytes(row[1])))))
             self.db.execute("DELETE FROM batches WHERE seq=?", (seq,))
 
+    def renumber_queue(self, *, after: int) -> int:
+        """Give every queued batch a new seq after `after` (the portal's last), oldest first, and number new
+        batches from there: the answer to a 409, where the portal already holds other content under this node's
+        seqs (its spool was lost or restored). Returns the batches renumbered."""
+        with self._tx():
+            rows = self.db.execute("SELECT seq, created, dropped, body FROM batches ORDER BY seq").fetchall()
+            self.db.execute("DELETE FROM batches")
+            seq = after
+            for _old, created, dropped, body in rows:
+                seq += 1
+                body = encode(dict(decode(bytes(body)), seq=seq))
+                self.db.execute("INSERT INTO batches (seq, created, size, dropped, body) VALUES (?, ?, ?, ?, ?)",
+                                (seq, created, len(body), dropped, body))
+            self._set_meta(next_seq=max(seq + 1, self.next_seq()))
+        return len(rows)
+
     def requeue(self, seqs: list[int] | None = None) -> list[int]:
         """Move quarantined batches (all, or these seqs) back to the queue under their own seq, so the portal
-        stores each once whenever it takes them. Returns the seqs moved."""
+        stores each once whenever it takes them; one refused with 409 (the portal holds other content under its
+        seq) under the node's next seq instead. Returns the seqs moved (as they were)."""
         with self._tx():
             if seqs is None:
-                rows = self.db.execute("SELECT seq, created, body FROM quarantine ORDER BY seq").fetchall()
+                rows = self.db.execute("SELECT seq, created, body, status FROM quarantine ORDER BY seq").fetchall()
             else:
                 marks = ", ".join("?" * len(seqs))
-                rows = self.db.execute(f"SELECT seq, created, body FROM quarantine WHERE seq IN ({marks}) "  # noqa: S608
-                                       "ORDER BY seq", list(seqs)).fetchall()
-            for seq, created, body in rows:
+                rows = self.db.execute(f"SELECT seq, created, body, status FROM quarantine "  # noqa: S608
+                                       f"WHERE seq IN ({marks}) ORDER BY seq", list(seqs)).fetchall()
+            for seq, created, body, status in rows:
+                new_seq = seq
+                if status == SEQ_CONFLICT:
+                    new_seq = self.next_seq()
+                    body = encode(dict(decode(bytes(body)), seq=new_seq))
+                    self._set_meta(next_seq=new_seq + 1)
                 self.db.execute("INSERT OR REPLACE INTO batches (seq, created, size, dropped, body) "
-                                "VALUES (?, ?, ?, 0, ?)", (seq, created, len(body), body))
+                                "VALUES (?, ?, ?, 0, ?)", (new_seq, created, len(body), body))
                 self.db.execute("DELETE FROM quarantine WHERE seq=?", (seq,))
         return [int(row[0]) for row in rows]
 

@@ -21,6 +21,7 @@ from portal.telemetry.schemas import (
     EnrollOut,
     ErrorOut,
     IngestOut,
+    SeqConflictOut,
 )
 from portal.telemetry.services import IngestRejected, SeqConflict, batch_accept
 
@@ -143,7 +144,7 @@ def enroll(request: HttpRequest):
     "/agent/ingest",
     auth=NodeBearer(),
     response={
-        200: IngestOut, 400: ErrorOut, 401: ErrorOut, 409: ErrorOut, 413: ErrorOut, 422: ErrorOut, 429: ErrorOut,
+        200: IngestOut, 400: ErrorOut, 401: ErrorOut, 409: SeqConflictOut, 413: ErrorOut, 422: ErrorOut, 429: ErrorOut,
     },
     summary="Store one batch of node telemetry (idempotent per node and seq)",
     description=("A 200 means the batch is durably stored and will not be asked for again; its readings reach the "
@@ -170,7 +171,7 @@ def ingest(request: HttpRequest):
     except IngestRejected as exc:
         return Status(422, {"detail": [{"loc": ["body", *exc.loc], "msg": exc.msg, "type": "value_error"}]})
     except SeqConflict as exc:
-        return Status(409, {"detail": str(exc)})
+        return Status(409, {"detail": str(exc), "last_seq": exc.last_seq})
     # Written directly: IngestOut documents it, and our own reply needs none of the validation ninja would run on
     # it in every request.
     return JsonResponse({"seq": result.seq, "status": result.status, "config": agent_config(credential.node)})

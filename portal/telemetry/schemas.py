@@ -284,3 +284,8 @@ class EnrollOut(Schema):
 
 class ErrorOut(Schema):
     detail: str | list[dict]
+
+
+class SeqConflictOut(ErrorOut):
+    last_seq: int = Field(description="The highest seq the portal holds for this node: an agent whose numbering "
+                                      "fell behind it (its state restored or lost) continues after it")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from django.db import connection, transaction
+from django.db.models import Max
 from django.utils import timezone
 
 from portal.fleet.models import Gpu, Node, NodeCredential
@@ -30,7 +31,11 @@ class IngestRejected(Exception):
 
 
 class SeqConflict(Exception):
-    """The node already sent a different batch under this seq."""
+    """The node already sent a different batch under this seq; `last_seq` is the highest seq it holds."""
+
+    def __init__(self, message: str, *, last_seq: int) -> None:
+        super().__init__(message)
+        self.last_seq = last_seq
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,8 @@ def _resend(node: Node, batch: BatchIn, digest: str) -> IngestResult | None:
     if stored is None:
         return None
     if stored != digest:
-        raise SeqConflict(f"seq {batch.seq} was already stored with different content")
+        last = IngestedBatch.objects.filter(node=node).aggregate(last=Max("seq"))["last"]
+        raise SeqConflict(f"seq {batch.seq} was already stored with different content", last_seq=last)
     return IngestResult(seq=batch.seq, status="duplicate")
 
 

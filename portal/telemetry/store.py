@@ -332,6 +332,9 @@ def _quarantine_alert(t: _Taken) -> None:
         key=key, kind=QUARANTINE_ALERT, severity=Severity.CRITICAL, at=utc(t.batch.interval_end), node_id=t.node.pk,
         title=f"{batches} batch{'es' if batches != 1 else ''} quarantined on {t.node.hostname}",
         detail=(f"The agent holds {batches} batch(es) the portal refused (409, 413 or 422), with {tokens:,} tokens "
-                "that are on no invoice yet. Fix the cause, then run `tokenmill-agent requeue --all` on the node: "
-                "each batch keeps its seq, so it is stored once."),
+                "that are on no invoice yet. A 413 or 422: fix the cause, then run `tokenmill-agent requeue --all` "
+                "on the node (each batch keeps its seq, so it is stored once). A 409: the node's spool was lost or "
+                "restored and its numbering met the portal's; the batch that met it is held because after a "
+                "restore its tokens may already be here: compare its interval with the node's stored batches "
+                "before requeueing it (it is sent under a new seq)."),
     )

@@ -172,7 +172,8 @@ class FakePortal:
                 if self.batches[seq] != doc:
                     self.conflicts += 1
                     self.posts.append((time.time(), seq, 409))
-                    return h.reply(409, b'{"detail": "seq conflict"}')
+                    # as the portal answers (telemetry.api): the node's last seq, so the agent can continue after it
+                    return h.reply(409, json.dumps({"detail": "seq conflict", "last_seq": max(self.batches)}).encode())
                 self.duplicates += 1
                 result = "duplicate"
             else:

@@ -130,6 +130,26 @@ def test_quarantined_batches_are_reported_and_can_be_sent_again_under_their_seq(
     assert spool.stats()["quarantined"] == 0 and spool.requeue() == []
 
 
+def test_a_spool_behind_the_portal_holds_the_batch_that_met_it_and_renumbers_the_rest(tmp_path, portal):
+    # The portal holds seqs 1-5 of this node; its spool was lost, so its new batches start at 1 again.
+    for seq in range(1, 6):
+        portal.batches[seq] = {"seq": seq, "other": "content"}
+    spool = Spool(tmp_path / "spool.sqlite3")
+    s = sender_for(tmp_path, portal)
+    for i in range(3):
+        spool.append(make_batch(i))
+    drain(s, spool)
+    assert [(seq, status) for _t, seq, status in portal.posts] == [(1, 409), (6, 200), (7, 200)]
+    assert [portal.batches[seq]["interval_start"] for seq in (6, 7)] == [1010.0, 1020.0]
+    held = spool.db.execute("SELECT seq, status FROM quarantine").fetchall()
+    assert held == [(1, 409)] and spool.next_seq() == 8  # new batches follow the portal's numbering
+    spool.append(make_batch(3))
+    assert spool.requeue() == [1]  # an operator judged it: it goes under the next seq, not its own
+    drain(s, spool)
+    assert portal.stored_order == [6, 7, 8, 9] and portal.batches[9]["interval_start"] == 1000.0
+    assert portal.conflicts == 1 and spool.stats()["quarantined"] == 0
+
+
 def test_429_with_retry_after_is_retried_after_waiting(tmp_path, portal):
     spool = Spool(tmp_path / "spool.sqlite3")
     spool.append(make_batch(0))
