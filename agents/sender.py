@@ -1,10 +1,11 @@
 """Sender thread: posts spooled batches oldest first; deletes only after a 2xx.
 
 Only the answers that say *this batch* can never be stored move it to the quarantine table: 409 (its seq holds
-other content; the queue behind it is renumbered after the portal's last seq), 413 (too large) and 422 (invalid). Everything else is about the path or the credential, not the
-batch, and is retried with capped exponential backoff and full jitter (Retry-After honoured): network errors, 5xx,
-429, 408, and 401/403/404 (a credential rotated on the portal, a proxy misconfigured: the credential file is read
-again on every try). `tokenmill-agent requeue` sends quarantined batches again, under their own seq.
+other content; the queue behind it is renumbered after the portal's last seq), 413 (too large) and 422 (invalid).
+Everything else is about the path or the credential, not the batch, and is retried with capped exponential
+backoff and full jitter (Retry-After honoured): network errors, 5xx, 429, 408, and 401/403/404 (a credential
+rotated on the portal, a proxy misconfigured: the credential file is read again on every try).
+`tokenmill-agent requeue` sends quarantined batches again: under their own seq, a 409 one under the next.
 """
 
 from __future__ import annotations
