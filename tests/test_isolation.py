@@ -18,7 +18,7 @@ from portal.tenants.api import router as tenant_router
 from portal.tenants.models import ApiKey, Invitation, MemberRole, Membership
 from portal.tenants.services import api_key_create
 from tests.factories import PASSWORD, MembershipFactory, OperatorFactory, TenantFactory
-from tests.test_tenants import deployment_with_endpoint, usage
+from tests.test_tenant_access import deployment_with_endpoint, usage
 
 pytestmark = pytest.mark.django_db
 
