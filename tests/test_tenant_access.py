@@ -56,13 +56,18 @@ def api(client, path: str, key: str | None):
     return client.get(f"/api/v1/tenant/{path}", **headers)
 
 
-class TestApiKeys:
+class SignedInAcmeAdmin:
+    """Acme AI's admin, logged in."""
+
     @pytest.fixture(autouse=True)
     def _setup(self, db, client):
         self.tenant = TenantFactory(name="Acme AI", slug="acme")
         self.admin = admin_of(self.tenant)
         self.client = client
         client.force_login(self.admin)
+
+
+class TestApiKeys(SignedInAcmeAdmin):
 
     def test_it_shows_a_new_key_once_and_stores_only_its_hash(self):
         response = self.client.post("/tenant/acme/api-keys/", {"name": "billing-export"})
@@ -186,13 +191,7 @@ class TestTenantApi:
 # The tenant portal ----------------------------------------------------------------------------------------------
 
 
-class TestPortal:
-    @pytest.fixture(autouse=True)
-    def _setup(self, db, client):
-        self.tenant = TenantFactory(name="Acme AI", slug="acme")
-        self.admin = admin_of(self.tenant)
-        self.client = client
-        client.force_login(self.admin)
+class TestPortal(SignedInAcmeAdmin):
 
     def test_it_reports_today_month_the_last_minute_and_gpus_against_quota(self):
         now = datetime(2026, 3, 15, 12, 30, 20, tzinfo=UTC)

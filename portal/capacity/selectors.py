@@ -25,12 +25,6 @@ def allocations_overlapping(*, tenant: Tenant, start: datetime, end: datetime) -
         Q(ends_at__isnull=True) | Q(ends_at__gt=start))
 
 
-def tenant_allocations(*, tenant: Tenant, at: datetime | None = None) -> QuerySet[Allocation]:
-    at = at or timezone.now()
-    return (Allocation.objects.filter(tenant=tenant).filter(Q(ends_at__isnull=True) | Q(ends_at__gt=at))
-            .select_related("gpu__node__site", "mig_instance").order_by("gpu__node__hostname", "gpu__index"))
-
-
 def tenant_deployments(*, tenant: Tenant) -> QuerySet[Deployment]:
     return Deployment.objects.filter(tenant=tenant).select_related("node").order_by("ended_at", "name")
 

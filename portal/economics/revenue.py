@@ -90,8 +90,8 @@ class MonthInvoices:
 def usage_amounts(*, tenants: list[Tenant], start: datetime, end: datetime) -> Amounts:
     """Exact (unrounded) usage amounts per tenant, month, (model, price version) and site over [start, end)."""
     books = price_books_for(tenants=tenants)
-    distinct = {book.pk: book for book in books.values() if book is not None}  # tenants share plans
-    by_book = {pk: PriceIndex(book) for pk, book in distinct.items()}
+    # tenants share books: one index a book
+    by_book = {book.pk: PriceIndex(book) for book in {b.pk: b for b in books.values() if b}.values()}
     indexes = {tenant_id: by_book[book.pk] for tenant_id, book in books.items() if book is not None}
     out: Amounts = defaultdict(lambda: defaultdict(Decimal))
     for r in deployment_sums(start=start, end=end, group=("day", "deployment__tenant_id", "deployment__model_name",
