@@ -3,6 +3,7 @@
 import functools
 import zlib
 
+import pydantic_core
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, JsonResponse
@@ -16,6 +17,9 @@ from portal.fleet.services import EnrollmentError, credential_authenticate, node
 from portal.ratelimit import cache_count
 from portal.telemetry.schemas import (
     AgentConfigOut,
+    BatchesEnvelopeIn,
+    BatchesIn,
+    BatchesOut,
     BatchIn,
     EnrollIn,
     EnrollOut,
@@ -23,7 +27,7 @@ from portal.telemetry.schemas import (
     IngestOut,
     SeqConflictOut,
 )
-from portal.telemetry.services import IngestRejected, SeqConflict, batch_accept
+from portal.telemetry.services import IngestRejected, IngestResult, SeqConflict, batch_accept, batches_accept
 
 router = Router(tags=["agent"])
 
@@ -101,16 +105,16 @@ def _gunzip(body: bytes, *, limit: int) -> bytes:
     return out
 
 
-def _validation_detail(exc: ValidationError) -> list[dict]:
+def _validation_detail(exc: ValidationError, *loc) -> list[dict]:
     return [
-        {"loc": ["body", *err["loc"]], "msg": err["msg"], "type": err["type"]}
+        {"loc": ["body", *loc, *err["loc"]], "msg": err["msg"], "type": err["type"]}
         for err in exc.errors(include_url=False, include_input=False)
     ]
 
 
 # The request bodies are read and validated by the views themselves (see BatchIn); the published document
 # references their schemas, which portal.api places among the document's components.
-BODY_SCHEMAS = (BatchIn, EnrollIn)
+BODY_SCHEMAS = (BatchIn, BatchesIn, EnrollIn)
 
 
 def _request_body_schema(schema: type) -> dict:
@@ -154,13 +158,8 @@ def enroll(request: HttpRequest):
 )
 def ingest(request: HttpRequest):
     credential = request.auth
-    window = int(timezone.now().timestamp() // 60)
-    count = cache_count(f"ingest-rate:{credential.node_id}:{window}", timeout=120)
-    if count > settings.INGEST_MAX_BATCHES_PER_MINUTE:
-        return JsonResponse(
-            {"detail": f"more than {settings.INGEST_MAX_BATCHES_PER_MINUTE} batches a minute; retry later"},
-            status=429, headers={"Retry-After": str(60 - int(timezone.now().timestamp()) % 60)},
-        )
+    if (limited := _rate_limited(credential.node_id)) is not None:
+        return limited
     try:
         batch = BatchIn.model_validate_json(_read_body(request))
         result = batch_accept(credential=credential, batch=batch)
@@ -175,3 +174,63 @@ def ingest(request: HttpRequest):
     # Written directly: IngestOut documents it, and our own reply needs none of the validation ninja would run on
     # it in every request.
     return JsonResponse({"seq": result.seq, "status": result.status, "config": agent_config(credential.node)})
+
+
+@router.post(
+    "/agent/batches",
+    auth=NodeBearer(),
+    response={200: BatchesOut, 400: ErrorOut, 401: ErrorOut, 413: ErrorOut, 422: ErrorOut, 429: ErrorOut},
+    summary="Store several intervals of node telemetry, each on its own (idempotent per node and seq)",
+    description=("A 200 answers every interval in the order sent: stored or duplicate means durably held (do "
+                 "not send it again); conflict means its seq holds other content (last_seq names the node's "
+                 "highest); rejected means it can never be stored (detail names the field). A 4xx refuses the "
+                 "request as a whole (its envelope, size, credential or rate) and stores none of it."),
+    openapi_extra=_request_body_schema(BatchesIn),
+)
+def ingest_batches(request: HttpRequest):
+    credential = request.auth
+    if (limited := _rate_limited(credential.node_id)) is not None:
+        return limited
+    try:
+        envelope = BatchesEnvelopeIn.model_validate(pydantic_core.from_json(_read_body(request)))
+    except BodyError as exc:
+        return Status(exc.status, {"detail": exc.detail})
+    except ValueError as exc:  # ValidationError is one
+        detail = (_validation_detail(exc) if isinstance(exc, ValidationError)
+                  else [{"loc": ["body"], "msg": f"body is not valid JSON: {exc}", "type": "json_invalid"}])
+        return Status(422, {"detail": detail})
+    answers: dict[int, dict] = {}
+    valid: list[tuple[int, BatchIn]] = []
+    for index, item in enumerate(envelope.batches):
+        try:
+            valid.append((index, BatchIn.model_validate(item)))
+        except ValidationError as exc:
+            seq = item.get("seq") if isinstance(item, dict) else None
+            answers[index] = {"seq": seq if type(seq) is int else None, "status": "rejected",
+                              "detail": _validation_detail(exc, "batches", index)}
+    accepted = batches_accept(credential=credential, batches=[batch for _, batch in valid])
+    for (index, _), result in zip(valid, accepted, strict=True):
+        answers[index] = _interval_answer(result, index)
+    return JsonResponse({"results": [answers[i] for i in range(len(envelope.batches))],
+                         "config": agent_config(credential.node)})
+
+
+def _interval_answer(result: IngestResult, index: int) -> dict:
+    answer = {"seq": result.seq, "status": result.status}
+    if result.status == "conflict":
+        answer |= {"detail": result.msg, "last_seq": result.last_seq}
+    elif result.status == "rejected":
+        answer["detail"] = [{"loc": ["body", "batches", index, *result.loc], "msg": result.msg, "type": "value_error"}]
+    return answer
+
+
+def _rate_limited(node_id: int) -> JsonResponse | None:
+    """A 429 when the node has sent more requests this minute than the limit allows (whatever each carries)."""
+    window = int(timezone.now().timestamp() // 60)
+    count = cache_count(f"ingest-rate:{node_id}:{window}", timeout=120)
+    if count <= settings.INGEST_MAX_BATCHES_PER_MINUTE:
+        return None
+    return JsonResponse(
+        {"detail": f"more than {settings.INGEST_MAX_BATCHES_PER_MINUTE} requests a minute; retry later"},
+        status=429, headers={"Retry-After": str(60 - int(timezone.now().timestamp()) % 60)},
+    )

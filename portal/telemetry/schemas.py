@@ -6,10 +6,10 @@ gauges as the interval's summary. Timestamps are UTC epoch seconds.
 """
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from ninja import Schema
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 ENGINES = ("vllm", "tgi", "triton", "sglang")
@@ -212,8 +212,17 @@ class HealthEventIn(_Strict):
         return None if value is None else _gpu_uuid(value)
 
 
+def _not_a_bool(value):
+    if isinstance(value, bool):  # True == 1 in Python, but not in the contract
+        raise ValueError("schema_version must be the integer 1")
+    return value
+
+
+SchemaVersion = Annotated[Literal[1], BeforeValidator(_not_a_bool)]
+
+
 class BatchIn(_Strict):
-    schema_version: Literal[1]
+    schema_version: SchemaVersion
     seq: Annotated[int, Field(ge=1, le=2**62)]
     interval_start: Epoch
     interval_end: Epoch
@@ -230,13 +239,6 @@ class BatchIn(_Strict):
     quarantined_tokens: Annotated[int, Field(ge=0, le=BIGINT_MAX)] = Field(
         default=0, description="Input + output tokens those quarantined batches hold")
 
-    @field_validator("schema_version", mode="before")
-    @classmethod
-    def _not_a_bool(cls, value):
-        if isinstance(value, bool):  # True == 1 in Python, but not in the contract
-            raise ValueError("schema_version must be the integer 1")
-        return value
-
     @model_validator(mode="after")
     def _intervals(self) -> "BatchIn":
         if not self.interval_end > self.interval_start:
@@ -250,6 +252,28 @@ class BatchIn(_Strict):
         if len(keys) != len(set(keys)):
             raise ValueError("duplicate (endpoint, model) in batch")
         return self
+
+
+# Intervals one request may carry: two hours of 10 s intervals, so a node back from an outage drains hours of
+# backlog in a few requests (the body's byte limit still applies).
+MAX_INTERVALS_PER_POST = 720
+
+
+_Intervals = Field(min_length=1, max_length=MAX_INTERVALS_PER_POST)
+
+
+class BatchesEnvelopeIn(_Strict):
+    """What the view validates first: the envelope, so that each interval is then judged on its own."""
+
+    schema_version: SchemaVersion
+    batches: Annotated[list[Any], _Intervals]
+
+
+class BatchesIn(BatchesEnvelopeIn):
+    """Several intervals of one node in one request (agent 0.3+). Each is judged on its own: one refused does not
+    refuse the others, and each is answered in the order sent."""
+
+    batches: Annotated[list[BatchIn], _Intervals]
 
 
 class TargetOut(Schema):
@@ -268,6 +292,20 @@ class AgentConfigOut(Schema):
 class IngestOut(Schema):
     seq: int
     status: Literal["stored", "duplicate"]
+    config: AgentConfigOut
+
+
+class IntervalOut(Schema):
+    seq: int | None = Field(description="The interval's seq (null when the interval had none the portal could read)")
+    status: Literal["stored", "duplicate", "conflict", "rejected"] = Field(
+        description="stored / duplicate: durably held, do not send again; conflict: the seq holds other content "
+        "(see last_seq); rejected: invalid, never storable (see detail)")
+    detail: str | list[dict] | None = None
+    last_seq: int | None = Field(default=None, description="With conflict: the highest seq the portal holds")
+
+
+class BatchesOut(Schema):
+    results: list[IntervalOut] = Field(description="One per interval sent, in the order sent")
     config: AgentConfigOut
 
 

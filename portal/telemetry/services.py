@@ -1,7 +1,8 @@
-"""Ingest of agent batches, in two steps. This is the first: the request validates a batch and commits it with its
-payload in one statement (`batch_accept`); from then on it is durable and acknowledged, and a resend is recognised
-by (node, seq). The second, the store worker writing accepted batches into the tiers, is portal.telemetry.store.
-The request's query count does not grow with the batch.
+"""Ingest of agent batches (one per interval), in two steps. This is the first: the request validates a node's
+intervals and commits them with their payloads in one statement (`batches_accept`); from then on they are durable
+and acknowledged, and a resend is recognised by (node, seq). The second, the store worker writing accepted batches
+into the tiers, is portal.telemetry.store. The request's query count grows neither with the batch nor with the
+number of intervals it carries.
 """
 
 import hashlib
@@ -40,8 +41,22 @@ class SeqConflict(Exception):
 
 @dataclass(frozen=True)
 class IngestResult:
-    seq: int
-    status: str  # "stored" (durably accepted) or "duplicate"
+    """What became of one interval: "stored" (durably accepted), "duplicate" (its seq holds the same content),
+    "conflict" (its seq holds other content; `last_seq` is the node's highest) or "rejected" (`loc`, `msg`)."""
+
+    seq: int | None
+    status: str
+    last_seq: int | None = None
+    loc: tuple = ()
+    msg: str = ""
+
+
+@dataclass(frozen=True)
+class _Pending:
+    index: int
+    batch: BatchIn
+    digest: str
+    payload: bytes
 
 
 def utc(epoch: float) -> datetime:
@@ -65,11 +80,11 @@ def _check_event_gpus(batch: BatchIn) -> None:
             raise IngestRejected(["events", i, "gpu_uuid"], "GPU is not part of this batch")
 
 
-def _foreign_gpu(node: Node, batch: BatchIn) -> IngestRejected:
+def _foreign_gpu(node: Node, batch: BatchIn) -> tuple[tuple, str]:
     uuids = [g.uuid for g in batch.gpus]
     foreign = set(Gpu.objects.filter(uuid__in=uuids).exclude(node_id=node.pk).values_list("uuid", flat=True))
     i = next((i for i, gpu in enumerate(batch.gpus) if gpu.uuid in foreign), 0)
-    return IngestRejected(["gpus", i, "uuid"], f"GPU {batch.gpus[i].uuid} belongs to another node")
+    return ("gpus", i, "uuid"), f"GPU {batch.gpus[i].uuid} belongs to another node"
 
 
 class _NotInserted(Exception):
@@ -89,70 +104,117 @@ def _claim_gpus(node: Node, batch: BatchIn) -> None:
     )
 
 
-def _resend(node: Node, batch: BatchIn, digest: str) -> IngestResult | None:
-    """The answer for a seq already accepted: a duplicate when its content is the same, SeqConflict otherwise."""
-    stored = IngestedBatch.objects.filter(node=node, seq=batch.seq).values_list("digest", flat=True).first()
-    if stored is None:
-        return None
-    if stored != digest:
-        last = IngestedBatch.objects.filter(node=node).aggregate(last=Max("seq"))["last"]
-        raise SeqConflict(f"seq {batch.seq} was already stored with different content", last_seq=last)
-    return IngestResult(seq=batch.seq, status="duplicate")
+_COLUMNS = ("node_id", "seq", "digest", "interval_start", "interval_end", "received_at", "gpu_count",
+            "dropped_batches", "payload", "store_error")
 
 
-def _insert_batch(*, node: Node, batch: BatchIn, digest: str, payload: bytes, now: datetime) -> bool:
-    """INSERT the batch unless its seq is taken or one of its GPUs is not this node's (another node's, or not yet
-    claimed), in one statement: the request's only write, and its only round trip besides the credential (the
-    ORM's create, a savepoint and a separate ownership query cost three times the CPU). True when inserted."""
+def _insert_batches(*, node: Node, pending: list[_Pending], now: datetime) -> set[int]:
+    """INSERT the batches whose seq is free, provided every GPU they name is this node's (another node's, or not
+    yet claimed, and none is inserted), in one statement: a request's only write, and its only round trip
+    besides the credential (the ORM's create, a savepoint and a separate ownership query cost three times the
+    CPU). Returns the seqs inserted."""
+    if not pending:
+        return set()
     adapt, quote = connection.ops.adapt_datetimefield_value, connection.ops.quote_name
-    values = {
-        "node_id": node.pk, "seq": batch.seq, "digest": digest, "interval_start": adapt(utc(batch.interval_start)),
-        "interval_end": adapt(utc(batch.interval_end)), "received_at": adapt(now), "gpu_count": len(batch.gpus),
-        "dropped_batches": batch.dropped_batches, "payload": payload, "store_error": "",
-    }
-    uuids = [g.uuid for g in batch.gpus]
+    received = adapt(now)
+    rows = [[node.pk, p.batch.seq, p.digest, adapt(utc(p.batch.interval_start)), adapt(utc(p.batch.interval_end)),
+             received, len(p.batch.gpus), p.batch.dropped_batches, p.payload, ""] for p in pending]
+    uuids = sorted({g.uuid for p in pending for g in p.batch.gpus})
     all_owned = "1 = 1"
     if uuids:
         all_owned = (f"(SELECT COUNT(*) FROM {quote(Gpu._meta.db_table)} WHERE node_id = %s "  # noqa: S608
                      f"AND uuid IN ({', '.join(['%s'] * len(uuids))})) = {len(uuids)}")
+    row = f"({', '.join(['%s'] * len(_COLUMNS))})"
     # Names come from the models' metadata and are quoted; every value is a bound parameter.
-    statement = (f"INSERT INTO {quote(IngestedBatch._meta.db_table)} ({', '.join(map(quote, values))}) "
-                 f"SELECT {', '.join(['%s'] * len(values))} WHERE {all_owned} "
-                 "ON CONFLICT (node_id, seq) DO NOTHING RETURNING id")
+    statement = (f"INSERT INTO {quote(IngestedBatch._meta.db_table)} ({', '.join(map(quote, _COLUMNS))}) "  # noqa: S608
+                 f"SELECT * FROM (VALUES {', '.join([row] * len(rows))}) AS v WHERE {all_owned} "
+                 "ON CONFLICT (node_id, seq) DO NOTHING RETURNING seq")
     with connection.cursor() as cursor:
-        cursor.execute(statement, [*values.values(), *([node.pk, *uuids] if uuids else [])])
-        return cursor.fetchone() is not None
+        cursor.execute(statement, [v for r in rows for v in r] + ([node.pk, *uuids] if uuids else []))
+        return {seq for (seq,) in cursor.fetchall()}
+
+
+def _resends(node: Node, pending: list[_Pending]) -> dict[int, IngestResult]:
+    """The answers for seqs already held, by index: a duplicate when the content is the same, a conflict
+    otherwise (naming the node's last seq)."""
+    held = dict(IngestedBatch.objects.filter(node=node, seq__in={p.batch.seq for p in pending})
+                .values_list("seq", "digest"))
+    answers = {p.index: IngestResult(seq=p.batch.seq, status="duplicate")
+               for p in pending if held.get(p.batch.seq) == p.digest}
+    clashes = [p for p in pending if p.batch.seq in held and held[p.batch.seq] != p.digest]
+    if clashes:
+        last = IngestedBatch.objects.filter(node=node).aggregate(last=Max("seq"))["last"]
+        answers |= {p.index: IngestResult(seq=p.batch.seq, status="conflict", last_seq=last,
+                                          msg=f"seq {p.batch.seq} was already stored with different content")
+                    for p in clashes}
+    return answers
+
+
+def _accept_claiming(node: Node, p: _Pending, now: datetime) -> IngestResult:
+    """One batch whose GPUs are not all this node's yet: claim the unclaimed ones and insert it, or refuse it
+    naming the GPU another node holds, leaving no claim behind."""
+    try:
+        with transaction.atomic():
+            _claim_gpus(node, p.batch)
+            if not _insert_batches(node=node, pending=[p], now=now):
+                raise _NotInserted
+    except _NotInserted:
+        if (resent := _resends(node, [p]).get(p.index)) is not None:
+            return resent
+        loc, msg = _foreign_gpu(node, p.batch)
+        return IngestResult(seq=p.batch.seq, status="rejected", loc=loc, msg=msg)
+    return IngestResult(seq=p.batch.seq, status="stored")
+
+
+def batches_accept(*, credential: NodeCredential, batches: list[BatchIn],
+                   now: datetime | None = None) -> list[IngestResult]:
+    """Accept a node's intervals, each on its own: check the clock and GPU ownership and commit every acceptable
+    one, answering for each in order (stored, duplicate, conflict, rejected). GPU ownership
+    is decided here, once: a GPU no node has reported becomes this node's, and a batch with another node's GPU
+    is refused naming it, so the store worker never has to drop a reading. Rows reach the storage tiers when
+    the store worker takes them (batches_store)."""
+    now = now or timezone.now()
+    node = credential.node
+    answers: dict[int, IngestResult] = {}
+    pending = []
+    for index, batch in enumerate(batches):
+        try:
+            _check_times(batch, now)
+            _check_event_gpus(batch)
+        except IngestRejected as exc:
+            answers[index] = IngestResult(seq=batch.seq, status="rejected", loc=tuple(exc.loc), msg=exc.msg)
+            continue
+        payload = batch.model_dump_json().encode()
+        pending.append(_Pending(index, batch, hashlib.sha256(payload).hexdigest(), payload))
+    # One statement, so one transaction: every acceptable interval of the request is stored, or none.
+    inserted = _insert_batches(node=node, pending=pending, now=now)
+    rest = []
+    for p in pending:
+        if p.batch.seq in inserted:
+            inserted.discard(p.batch.seq)  # a second copy of a seq in one request is a resend of the first
+            answers[p.index] = IngestResult(seq=p.batch.seq, status="stored")
+        else:
+            rest.append(p)
+    if rest:
+        # Not inserted: a seq already there (a resend, or a concurrent request that won), or a GPU not yet this
+        # node's. Both are rare; find out which.
+        answers |= _resends(node, rest)
+        for p in rest:
+            if p.index not in answers:
+                answers[p.index] = _accept_claiming(node, p, now)
+    if any(a.status == "stored" for a in answers.values()) and (
+            node.last_seen is None or node.last_seen < now - LAST_SEEN_EVERY):
+        Node.objects.filter(pk=node.pk).update(last_seen=now)
+        NodeCredential.objects.filter(pk=credential.pk).update(last_used_at=now)
+    return [answers[i] for i in range(len(batches))]
 
 
 def batch_accept(*, credential: NodeCredential, batch: BatchIn, now: datetime | None = None) -> IngestResult:
-    """Accept a batch: check the clock and GPU ownership and commit it whole, or nothing. GPU ownership is decided
-    here, once: a GPU no node has reported becomes this node's, and a batch with another node's GPU is refused
-    naming it, so the store worker never has to drop a reading. A resend of an accepted seq is acknowledged as a
-    duplicate; the same seq with different content raises SeqConflict. Its rows reach the storage tiers when the
-    store worker takes it (batches_store)."""
-    now = now or timezone.now()
-    node = credential.node
-    _check_times(batch, now)
-    _check_event_gpus(batch)
-    payload = batch.model_dump_json().encode()
-    digest = hashlib.sha256(payload).hexdigest()
-    if not _insert_batch(node=node, batch=batch, digest=digest, payload=payload, now=now):
-        # Not inserted: its seq was already there (a resend, or a concurrent request that won), or a GPU is not
-        # yet this node's. Both are rare; find out which.
-        if (resent := _resend(node, batch, digest)) is not None:
-            return resent
-        try:
-            with transaction.atomic():  # a refused batch leaves no claim behind
-                _claim_gpus(node, batch)
-                if not _insert_batch(node=node, batch=batch, digest=digest, payload=payload, now=now):
-                    raise _NotInserted
-        except _NotInserted:
-            if (resent := _resend(node, batch, digest)) is not None:
-                return resent
-            raise _foreign_gpu(node, batch) from None
-    if node.last_seen is None or node.last_seen < now - LAST_SEEN_EVERY:
-        Node.objects.filter(pk=node.pk).update(last_seen=now)
-        NodeCredential.objects.filter(pk=credential.pk).update(last_used_at=now)
-    return IngestResult(seq=batch.seq, status="stored")
-
-
+    """Accept one interval (the one-interval-per-request contract): as batches_accept, raising IngestRejected
+    or SeqConflict where it would answer "rejected" or "conflict"."""
+    (result,) = batches_accept(credential=credential, batches=[batch], now=now)
+    if result.status == "rejected":
+        raise IngestRejected(list(result.loc), result.msg)
+    if result.status == "conflict":
+        raise SeqConflict(result.msg, last_seq=result.last_seq)
+    return result
