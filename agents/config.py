@@ -62,6 +62,9 @@ class Config:
     spool_max_bytes: int = 256 * 1024 * 1024
     scrape_timeout_s: float = 2.0
     send_timeout_s: float = 10.0
+    # Intervals stay interval_s long; the sender posts what the spool holds this often (0: as each closes).
+    send_period_s: float = 30.0
+    post_max_intervals: int = 360
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
     config_version: int = 0
@@ -130,7 +133,7 @@ def _check_sim(sim: SimulateConfig) -> SimulateConfig:
 
 _TOP_KEYS = {
     "portal_url", "state_dir", "interval_s", "sample_s", "hostname", "simulate", "targets", "spool_max_bytes",
-    "scrape_timeout_s", "send_timeout_s", "backoff_base_s", "backoff_max_s",
+    "scrape_timeout_s", "send_timeout_s", "backoff_base_s", "backoff_max_s", "send_period_s", "post_max_intervals",
 }
 
 
@@ -145,10 +148,10 @@ def from_mapping(data: dict[str, Any]) -> Config:
             values[key] = str(data[key])
     if "state_dir" in data:
         values["state_dir"] = Path(str(data["state_dir"]))
-    for key in ("interval_s", "spool_max_bytes"):
+    for key in ("interval_s", "spool_max_bytes", "post_max_intervals"):
         if key in data:
             values[key] = int(data[key])
-    for key in ("sample_s", "scrape_timeout_s", "send_timeout_s", "backoff_base_s", "backoff_max_s"):
+    for key in ("sample_s", "scrape_timeout_s", "send_timeout_s", "backoff_base_s", "backoff_max_s", "send_period_s"):
         if key in data:
             values[key] = float(data[key])
     if "simulate" in data:
@@ -167,6 +170,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("interval_s must be 1..3600")
     if not 0.05 <= cfg.sample_s <= cfg.interval_s:
         raise ConfigError("sample_s must be at least 0.05 and at most interval_s")
+    if not 0 <= cfg.send_period_s <= 300:
+        raise ConfigError("send_period_s must be 0..300")
+    if not 1 <= cfg.post_max_intervals <= 720:
+        raise ConfigError("post_max_intervals must be 1..720 (the portal takes at most 720 a request)")
     if cfg.spool_max_bytes < 64 * 1024:
         raise ConfigError("spool_max_bytes must be at least 65536")
     if not cfg.hostname:

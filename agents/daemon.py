@@ -216,7 +216,8 @@ def run(cfg: Config, stop: threading.Event, *, nvml: Any = None, http_get=None) 
     agent = Agent(cfg, nvml=nvml, state=spool.load_state(), http_get=http_get)
     sender = Sender(spool_path=cfg.spool_path, portal_url=cfg.portal_url, credential_path=cfg.credential_path,
                     timeout_s=cfg.send_timeout_s, backoff_base_s=cfg.backoff_base_s, backoff_max_s=cfg.backoff_max_s,
-                    on_config=agent.offer_config, max_bytes=cfg.spool_max_bytes)
+                    on_config=agent.offer_config, max_bytes=cfg.spool_max_bytes, send_period_s=cfg.send_period_s,
+                    post_max_intervals=cfg.post_max_intervals)
     sender.start()
     agent.start_nvml()
     log.info("tokenmill-agent %s running: portal %s, interval %ss, sample %ss, %d target(s)%s", __version__,

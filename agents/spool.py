@@ -141,13 +141,21 @@ class Spool:
                            dropped_total=int(self.meta("dropped_total", "0") or 0) + dropped,
                            last_drop=time.time())
 
-    def oldest(self) -> tuple[int, bytes] | None:
-        row = self.db.execute("SELECT seq, body FROM batches ORDER BY seq LIMIT 1").fetchone()
-        return (int(row[0]), bytes(row[1])) if row else None
+    def oldest_many(self, *, limit: int, max_bytes: int) -> list[tuple[int, bytes]]:
+        """The oldest queued batches, oldest first: at most `limit`, and no more than `max_bytes` of bodies
+        together, except that the oldest is always included (a batch larger than the bound still gets sent)."""
+        items: list[tuple[int, bytes]] = []
+        total = 0
+        for seq, size, body in self.db.execute("SELECT seq, size, body FROM batches ORDER BY seq LIMIT ?", (limit,)):
+            if items and total + size > max_bytes:
+                break
+            items.append((int(seq), bytes(body)))
+            total += size
+        return items
 
-    def delete(self, seq: int, **meta: Any) -> None:
+    def delete(self, seqs: list[int], **meta: Any) -> None:
         with self._tx():
-            self.db.execute("DELETE FROM batches WHERE seq=?", (seq,))
+            self.db.executemany("DELETE FROM batches WHERE seq=?", [(seq,) for seq in seqs])
             if meta:
                 self._set_meta(**meta)
 

@@ -56,7 +56,7 @@ class Factory:
         self.spool = Spool(self.cfg.spool_path)
         self.agent = Agent(self.cfg, nvml=FakeNvml([FakeGpu(0, uuid=self.gpu_uuid)]))
         self.sender = Sender(spool_path=self.cfg.spool_path, portal_url=portal_url,
-                             credential_path=self.cfg.credential_path, timeout_s=10)
+                             credential_path=self.cfg.credential_path, timeout_s=10, send_period_s=0.0)
 
     def interval(self) -> None:
         """One agent interval ending now: sample, close, spool, send everything."""

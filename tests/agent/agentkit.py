@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -40,6 +41,20 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.connections: list[socket.socket] = []  # every connection accepted, kept-alive ones included
+
+    def process_request(self, request, client_address):
+        self.connections.append(request)
+        super().process_request(request, client_address)
+
+    def close_connections(self) -> None:
+        """Shut every connection, as a server going down does (a kept-alive client sees it on its next use)."""
+        for conn in self.connections:
+            with contextlib.suppress(OSError):  # already closed by its client
+                conn.shutdown(socket.SHUT_RDWR)
+
 
 class LoopServer:
     """An http.server in a thread on 127.0.0.1; can be stopped and restarted on the same port."""
@@ -61,11 +76,16 @@ class LoopServer:
         if self.httpd is not None:
             self.httpd.shutdown()
             self.httpd.server_close()
+            self.httpd.close_connections()
             self.httpd = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def connections(self) -> int:
+        return len(self.httpd.connections) if self.httpd is not None else 0
 
 
 class _Quiet(BaseHTTPRequestHandler):
@@ -100,6 +120,10 @@ class FakePortal:
         self.retry_after: str | None = None
         self.fail_times = 0  # fail this many posts with fail_status, then succeed (0: while fail_status is set)
         self.reject: dict[int, int] = {}  # seq -> status
+        self.requests: list[list] = []  # the seqs of each request, in order
+        self.drop_idle = False  # True: close each connection after its reply, without a Connection: close
+        self.batches_endpoint = True  # False: a portal older than multi-interval posts
+        self.max_intervals = 720  # a request with more is refused 413, as a body over the portal's limit
         self.config = {"config_version": 0, "interval_s": 10, "sample_s": 1.0, "targets": []}
         self.enroll_tokens = {"enroll-token-abc"}
         portal = self
@@ -110,6 +134,10 @@ class FakePortal:
                 raw = self.rfile.read(length)
                 if self.path == "/api/v1/agent/enroll":
                     return portal.enroll(self, raw)
+                if portal.drop_idle:  # closes without saying so, as a server's idle timeout does
+                    self.close_connection = True
+                if self.path == "/api/v1/agent/batches" and portal.batches_endpoint:
+                    return portal.ingest_batches(self, raw)
                 if self.path != "/api/v1/agent/ingest":
                     return self.reply(404, b"{}")
                 return portal.ingest(self, raw)
@@ -137,52 +165,93 @@ class FakePortal:
         self.enrolled_host = data.host
         h.reply(200, json.dumps({"node_id": 7, "credential": self.CREDENTIAL, "config": self.config}).encode())
 
-    def ingest(self, h, raw: bytes):
+    def _fail(self, h, seqs: list):
+        """The scripted failure of a whole request (fail_status), if one is set."""
+        if self.fail_status is None:
+            return False
+        for seq in seqs:
+            self.posts.append((time.time(), seq, self.fail_status))
+        status = self.fail_status
+        if self.fail_times:
+            self.fail_times -= 1
+            if self.fail_times == 0:
+                self.fail_status = None
+        headers = {"Retry-After": self.retry_after} if self.retry_after else {}
+        h.reply(status, b'{"detail": "try later"}', headers=headers)
+        return True
+
+    def _judge(self, doc) -> tuple[int, dict]:
+        """One interval, as the portal judges it (telemetry.services.batches_accept): HTTP status and answer."""
         from pydantic import ValidationError
 
         from portal.telemetry.schemas import BatchIn
 
-        status: int
-        seq = None
+        seq = doc.get("seq") if isinstance(doc, dict) else None
+        if seq in self.reject:
+            status = self.reject[seq]
+            self.posts.append((time.time(), seq, status))
+            return status, {"seq": seq, "status": "conflict" if status == 409 else "rejected", "detail": "rejected"}
+        try:
+            BatchIn.model_validate(doc)
+        except ValidationError as exc:
+            self.posts.append((time.time(), seq, 422))
+            return 422, {"seq": seq, "status": "rejected", "detail": str(exc)[:2000]}
+        if seq in self.batches:
+            if self.batches[seq] != doc:
+                self.conflicts += 1
+                self.posts.append((time.time(), seq, 409))
+                # as the portal answers (telemetry.api): the node's last seq, so the agent can continue after it
+                return 409, {"seq": seq, "status": "conflict", "detail": "seq conflict", "last_seq": max(self.batches)}
+            self.duplicates += 1
+            result = "duplicate"
+        else:
+            self.batches[seq] = doc
+            self.stored_order.append(seq)
+            result = "stored"
+        self.posts.append((time.time(), seq, 200))
+        return 200, {"seq": seq, "status": result}
+
+    def _authorized(self, h) -> bool:
+        if h.headers.get("Authorization") == f"Bearer {self.CREDENTIAL}":
+            return True
+        self.posts.append((time.time(), None, 401))
+        h.reply(401, b'{"detail": "bad credential"}')
+        return False
+
+    def _document(self, h, raw: bytes):
+        return json.loads(gzip.decompress(raw) if h.headers.get("Content-Encoding") == "gzip" else raw)
+
+    def ingest(self, h, raw: bytes):
+        """POST /agent/ingest: one interval a request."""
         with self.lock:
-            if h.headers.get("Authorization") != f"Bearer {self.CREDENTIAL}":
-                self.posts.append((time.time(), None, 401))
-                return h.reply(401, b'{"detail": "bad credential"}')
-            body = gzip.decompress(raw) if h.headers.get("Content-Encoding") == "gzip" else raw
-            doc = json.loads(body)
-            seq = doc.get("seq")
-            if self.fail_status is not None:
-                self.posts.append((time.time(), seq, self.fail_status))
-                if self.fail_times:
-                    self.fail_times -= 1
-                    if self.fail_times == 0:
-                        self.fail_status = None
-                headers = {"Retry-After": self.retry_after} if self.retry_after else {}
-                return h.reply(self.posts[-1][2], b'{"detail": "try later"}', headers=headers)
-            if seq in self.reject:
-                status = self.reject[seq]
-                self.posts.append((time.time(), seq, status))
-                return h.reply(status, b'{"detail": "rejected"}')
-            try:
-                BatchIn.model_validate(doc)
-            except ValidationError as exc:
-                self.posts.append((time.time(), seq, 422))
-                return h.reply(422, json.dumps({"detail": str(exc)[:2000]}).encode())
-            if seq in self.batches:
-                if self.batches[seq] != doc:
-                    self.conflicts += 1
-                    self.posts.append((time.time(), seq, 409))
-                    # as the portal answers (telemetry.api): the node's last seq, so the agent can continue after it
-                    return h.reply(409, json.dumps({"detail": "seq conflict", "last_seq": max(self.batches)}).encode())
-                self.duplicates += 1
-                result = "duplicate"
-            else:
-                self.batches[seq] = doc
-                self.stored_order.append(seq)
-                result = "stored"
-            self.posts.append((time.time(), seq, 200))
-            reply = {"seq": seq, "status": result, "config": self.config}
-        h.reply(200, json.dumps(reply).encode())
+            if not self._authorized(h):
+                return None
+            doc = self._document(h, raw)
+            self.requests.append([doc.get("seq")])
+            if self._fail(h, [doc.get("seq")]):
+                return None
+            status, answer = self._judge(doc)
+        if status != 200:
+            body = {"detail": answer["detail"]} | ({"last_seq": answer["last_seq"]} if "last_seq" in answer else {})
+            return h.reply(status, json.dumps(body).encode())
+        h.reply(200, json.dumps({**answer, "config": self.config}).encode())
+
+    def ingest_batches(self, h, raw: bytes):
+        """POST /agent/batches: many intervals a request, each answered on its own; 413 over `max_intervals`."""
+        with self.lock:
+            if not self._authorized(h):
+                return None
+            batches = self._document(h, raw)["batches"]
+            seqs = [b.get("seq") for b in batches]
+            self.requests.append(seqs)
+            if self._fail(h, seqs):
+                return None
+            if len(batches) > self.max_intervals or any(self.reject.get(s) == 413 for s in seqs):
+                for seq in seqs:
+                    self.posts.append((time.time(), seq, 413))
+                return h.reply(413, b'{"detail": "body exceeds the limit"}')
+            answers = [self._judge(doc)[1] for doc in batches]
+        h.reply(200, json.dumps({"results": answers, "config": self.config}).encode())
 
 
 class MetricsServer:

@@ -56,10 +56,17 @@ def test_toml_keys_and_env_overrides(tmp_path):
 def test_example_toml_is_valid():
     cfg = cfgmod.load(REPO / "agents" / "agent.example.toml", env={})
     assert cfg.interval_s == 10 and cfg.targets[0].engine == "vllm" and cfg.simulate is None
+    assert (cfg.send_period_s, cfg.post_max_intervals) == (30.0, 360)
+
+
+def test_the_send_period_and_request_bound_are_read(tmp_path):
+    cfg = cfgmod.load(write(tmp_path, "send_period_s = 0\npost_max_intervals = 720"), env={})
+    assert (cfg.send_period_s, cfg.post_max_intervals) == (0.0, 720)
 
 
 @pytest.mark.parametrize("bad", ['interval_s = 0', 'bogus = 1', '[[targets]]\nurl = "x"\nengine = "ollama"',
-                                 '[simulate]\ngpu_model = "V100"', 'portal_url = "ftp://x"'])
+                                 '[simulate]\ngpu_model = "V100"', 'portal_url = "ftp://x"',
+                                 'send_period_s = -1', 'post_max_intervals = 721'])
 def test_bad_config_is_refused(tmp_path, bad):
     with pytest.raises(ConfigError):
         cfgmod.load(write(tmp_path, bad), env={})

@@ -113,7 +113,8 @@ def write_config(tmp_path: Path, portal_url: str, targets: list[str], extra: str
     state.mkdir(exist_ok=True)
     (state / "credential").write_text(FakePortal.CREDENTIAL + "\n")
     lines = [f'portal_url = "{portal_url}"', f'state_dir = "{state}"', "interval_s = 1", "sample_s = 0.25",
-             'hostname = "e2e-node"', "backoff_base_s = 0.1", "backoff_max_s = 0.3", "send_timeout_s = 2.0", extra]
+             'hostname = "e2e-node"', "backoff_base_s = 0.1", "backoff_max_s = 0.3", "send_timeout_s = 2.0",
+             "send_period_s = 0.5", extra]
     for url in targets:
         lines += ["[[targets]]", f'url = "{url}"', 'engine = "vllm"']
     path = tmp_path / "agent.toml"
