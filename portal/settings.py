@@ -206,6 +206,8 @@ CELERY_BEAT_SCHEDULE = {
     "telemetry-rollup-minutes": {"task": "portal.telemetry.tasks.rollup_minutes", "schedule": 60.0},
     "telemetry-rollup-hours": {"task": "portal.telemetry.tasks.rollup_hours", "schedule": crontab(minute="*/10")},
     "telemetry-retention": {"task": "portal.telemetry.tasks.apply_retention", "schedule": crontab(minute=17)},
+    # The raw tiers' day partitions, a week ahead (PostgreSQL); hourly, so a run that met a lock is soon retried.
+    "telemetry-partitions": {"task": "portal.telemetry.tasks.raw_partitions_ensure", "schedule": crontab(minute=7)},
     "fleet-offline-detection": {"task": "portal.fleet.tasks.detect_offline_nodes", "schedule": 15.0},
     "capacity-quotas": {"task": "portal.capacity.tasks.check_quotas", "schedule": 60.0},
     "capacity-billable": {"task": "portal.capacity.tasks.check_billable_deployments", "schedule": 60.0},

@@ -3,6 +3,8 @@
 GpuSample (one row per GPU per agent interval, raw, kept 48 h) -> GpuMinute (30 days) -> GpuHour (kept).
 UsageSample (exact token/request/histogram deltas per endpoint and interval, kept 48 h) -> UsageMinute and
 UsageHour, both kept forever: usage is never dropped, billing reads the minute tier.
+On PostgreSQL the two raw tiers are partitioned by UTC day of ts, with a DEFAULT partition for any day without one
+(migration 0004, telemetry.partitions); the primary key there is (id, ts).
 """
 
 from django.db import models

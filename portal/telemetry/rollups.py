@@ -26,6 +26,7 @@ from portal.telemetry.models import (
     UsageMinute,
     UsageSample,
 )
+from portal.telemetry.partitions import raw_partitions_drop
 from portal.telemetry.schemas import HISTOGRAMS
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -212,9 +213,14 @@ def apply_retention(*, now: datetime | None = None) -> dict[str, int]:
     # A batch may be up to 30 days old on arrival (ingest's limit): minute rows older than that plus a day can
     # receive nothing new, and the hour tier already holds them.
     minute_cutoff = now - timedelta(days=max(settings.TELEMETRY_MINUTE_RETENTION_DAYS, 30) + 1)
+    # On PostgreSQL whole old days go as partitions (their rows counted); the rows left past the window (the day
+    # that holds the cutoff, DEFAULT, a day still holding rows not rolled up) are deleted one by one.
+    raw = raw_partitions_drop(before=raw_cutoff, rolled_up_until=minute_wm).rows
     deleted = {
-        "gpu_samples": GpuSample.objects.filter(ts__lt=raw_cutoff, stored_at__lte=minute_wm).delete()[0],
-        "usage_samples": UsageSample.objects.filter(ts__lt=raw_cutoff, stored_at__lte=minute_wm).delete()[0],
+        "gpu_samples": raw[GpuSample._meta.db_table]
+        + GpuSample.objects.filter(ts__lt=raw_cutoff, stored_at__lte=minute_wm).delete()[0],
+        "usage_samples": raw[UsageSample._meta.db_table]
+        + UsageSample.objects.filter(ts__lt=raw_cutoff, stored_at__lte=minute_wm).delete()[0],
         "gpu_minutes": GpuMinute.objects.filter(ts__lt=minute_cutoff).delete()[0],
         # Only stored batches: one set aside with a store error keeps its payload until it is stored.
         "batches": IngestedBatch.objects.filter(received_at__lt=now - timedelta(days=31),

@@ -1,6 +1,6 @@
 from celery import shared_task
 
-from portal.telemetry import rollups
+from portal.telemetry import partitions, rollups
 
 
 @shared_task(acks_late=True)
@@ -16,3 +16,8 @@ def rollup_hours() -> int:
 @shared_task(acks_late=True)
 def apply_retention() -> dict[str, int]:
     return rollups.apply_retention()
+
+
+@shared_task(acks_late=True)
+def raw_partitions_ensure() -> list[str]:
+    return partitions.raw_partitions_ensure().created
