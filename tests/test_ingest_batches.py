@@ -161,3 +161,16 @@ def test_every_interval_is_stored_once_whatever_the_resends(client, plan):
             first_tokens.setdefault(batch["seq"], batch["engines"][0]["prompt_tokens"])
     assert sorted(IngestedBatch.objects.values_list("seq", flat=True)) == sorted(first_tokens)
     assert sum(UsageSample.objects.values_list("prompt_tokens", flat=True)) == sum(first_tokens.values())
+
+
+def test_the_store_worker_takes_the_newest_intervals_first(client):
+    """After an outage the backlog arrives beside fresh intervals: the fresh ones reach the tiers first."""
+    _node, cred = node_with_credential()
+    uuid = gpu_uuid()
+    now = time.time()
+    backlog = [batch_payload(seq=s, end=now - 3600 + 10 * s, gpus=[gpu_payload(uuid=uuid)]) for s in range(1, 6)]
+    post_batches(client, cred, backlog, store=False)
+    post_batches(client, cred, [batch_payload(seq=6, end=now, gpus=[gpu_payload(uuid=uuid)])], store=False)
+    assert batches_store(limit=1) == 1
+    assert list(IngestedBatch.objects.filter(stored_at__isnull=False).values_list("seq", flat=True)) == [6]
+    assert batches_store() == 5 and not IngestedBatch.objects.filter(stored_at__isnull=True).exists()

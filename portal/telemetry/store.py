@@ -47,13 +47,16 @@ class Unstorable(Exception):
 
 
 def batches_store(*, limit: int = STORE_BATCHES) -> int:
-    """Write up to `limit` accepted batches into the storage tiers in one transaction; returns how many were taken.
+    """Write up to `limit` accepted batches, newest first, into the storage tiers in one transaction; returns how
+    many were taken.
     Several workers may run: each skips the batches another holds. A flush that fails, whatever the reason, is
     retried in halves until each failing batch is alone; such a batch is set aside with its error (payload kept,
     an alert raised; `store_batches --retry-failed` queues it again) and the rest are stored, so no batch can stop
     storage for the others. Losing the database raises: nothing is set aside for that."""
     with transaction.atomic():
-        rows = list(IngestedBatch.objects.filter(stored_at__isnull=True, store_error="").order_by("pk")
+        # Newest first: after an outage a node's hours of backlog arrive beside its fresh intervals, and the
+        # dashboards need the fresh ones now; the backlog fills in behind them (its rows are history).
+        rows = list(IngestedBatch.objects.filter(stored_at__isnull=True, store_error="").order_by("-pk")
                     .select_for_update(skip_locked=True)
                     .values_list("pk", "node_id", "received_at", "payload")[:limit])
         if rows:
