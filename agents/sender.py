@@ -1,9 +1,10 @@
-"""Sender thread: posts spooled batches oldest first, many in one request; deletes only what the portal holds.
+"""Sender thread: posts spooled batches newest first, many in one request; deletes only what the portal holds.
 
 The collector closes an interval every `interval_s`; the sender posts what the spool holds every `send_period_s`
 (up to `post_max_intervals` batches and `post_max_bytes` of bodies a request), at once when a full request is
-waiting, so a node back from an outage drains hours of backlog in a few requests. The connection is kept open
-between posts. Each interval keeps its own seq, and the portal answers each: stored or duplicate is deleted.
+waiting, so a node back from an outage drains hours of backlog in a few requests, each also carrying what closed
+since the last (newest first: Spool.to_send). The connection is kept open between posts. Each interval keeps its
+own seq, and the portal answers each: stored or duplicate is deleted.
 
 Only the answers that say *this batch* can never be stored move it to the quarantine table: a conflict (its seq
 holds other content; the queue behind it is renumbered after the portal's last seq), 413 for a batch sent alone
@@ -232,10 +233,10 @@ class Sender(threading.Thread):
 
     # ---------------------------------------------------------------- one request
     def step(self, spool: Spool) -> float | None:
-        """Post the oldest batches when they are due. Returns seconds to wait before the next try (None: queue
-        empty)."""
+        """Post the next batches (Spool.to_send) when they are due. Returns seconds to wait before the next try
+        (None: queue empty)."""
         limit = 1 if self._one_per_request else self.post_max_intervals
-        items = spool.oldest_many(limit=limit, max_bytes=self.post_max_bytes)
+        items = spool.to_send(limit=limit, max_bytes=self.post_max_bytes)
         if not items:
             return None
         full = len(items) >= limit or sum(len(body) for _, body in items) >= self.post_max_bytes

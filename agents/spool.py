@@ -141,17 +141,19 @@ class Spool:
                            dropped_total=int(self.meta("dropped_total", "0") or 0) + dropped,
                            last_drop=time.time())
 
-    def oldest_many(self, *, limit: int, max_bytes: int) -> list[tuple[int, bytes]]:
-        """The oldest queued batches, oldest first: at most `limit`, and no more than `max_bytes` of bodies
-        together, except that the oldest is always included (a batch larger than the bound still gets sent)."""
+    def to_send(self, *, limit: int, max_bytes: int) -> list[tuple[int, bytes]]:
+        """The next batches to post, in seq order: the newest queued, at most `limit` and no more than `max_bytes`
+        of bodies together (the newest always, even alone over the bound). Newest first, so that after an outage
+        every request carries the intervals closed since the last one and the backlog drains behind them."""
         items: list[tuple[int, bytes]] = []
         total = 0
-        for seq, size, body in self.db.execute("SELECT seq, size, body FROM batches ORDER BY seq LIMIT ?", (limit,)):
+        rows = self.db.execute("SELECT seq, size, body FROM batches ORDER BY seq DESC LIMIT ?", (limit,))
+        for seq, size, body in rows:
             if items and total + size > max_bytes:
                 break
             items.append((int(seq), bytes(body)))
             total += size
-        return items
+        return items[::-1]
 
     def delete(self, seqs: list[int], **meta: Any) -> None:
         with self._tx():

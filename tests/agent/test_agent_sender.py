@@ -40,8 +40,8 @@ def test_spool_assigns_monotonic_seq_and_state_in_one_transaction(tmp_path):
     spool = Spool(tmp_path / "spool.sqlite3")  # reopen: persisted
     assert spool.load_state() == {"c|a": 7.0, "ep|x": 1}
     assert spool.append(make_batch(2)) == 3
-    ((seq, body),) = spool.oldest_many(limit=5, max_bytes=1)
-    assert seq == 1 and decode(body)["seq"] == 1
+    ((seq, body),) = spool.to_send(limit=5, max_bytes=1)  # the newest, even alone over the bound
+    assert seq == 3 and decode(body)["seq"] == 3
     assert spool.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 

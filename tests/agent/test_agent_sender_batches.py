@@ -28,7 +28,7 @@ def test_the_queue_goes_out_in_one_request_each_interval_under_its_own_seq(tmp_p
 
 def test_a_duplicate_beside_a_new_interval_is_deleted_and_the_new_one_stored_once(tmp_path, portal):
     spool = spooled(tmp_path, 3)
-    portal.batches[2] = decode(spool.oldest_many(limit=3, max_bytes=10**6)[1][1])  # acknowledged, reply lost
+    portal.batches[2] = decode(spool.to_send(limit=3, max_bytes=10**6)[1][1])  # acknowledged, reply lost
     portal.stored_order.append(2)
     drain(sender_for(tmp_path, portal), spool)
     assert [(seq, status) for _t, seq, status in portal.posts] == [(1, 200), (2, 200), (3, 200)]
@@ -82,8 +82,8 @@ def test_a_request_over_the_portals_limit_is_sent_again_in_halves(tmp_path, port
     portal.max_intervals = 2
     spool = spooled(tmp_path, 5)
     drain(sender_for(tmp_path, portal), spool)
-    assert portal.requests == [[1, 2, 3, 4, 5], [1, 2], [3, 4], [5]]
-    assert portal.stored_order == [1, 2, 3, 4, 5] and spool.stats()["quarantined"] == 0
+    assert portal.requests == [[1, 2, 3, 4, 5], [4, 5], [2, 3], [1]]
+    assert portal.stored_order == [4, 5, 2, 3, 1] and spool.stats()["quarantined"] == 0
 
 
 def test_an_interval_too_large_alone_is_quarantined(tmp_path, portal):
@@ -99,7 +99,7 @@ def test_a_portal_without_multi_interval_posts_gets_one_interval_a_request(tmp_p
     spool = spooled(tmp_path, 3)
     portal.reject[2] = 422
     drain(sender_for(tmp_path, portal), spool)
-    assert portal.requests == [[1], [2], [3]] and portal.stored_order == [1, 3]
+    assert portal.requests == [[3], [2], [1]] and portal.stored_order == [3, 1]
     assert spool.db.execute("SELECT seq, status FROM quarantine").fetchall() == [(2, 422)]
 
 
@@ -115,8 +115,8 @@ def test_a_404_from_a_proxy_in_front_of_the_one_interval_endpoint_is_retried(tmp
 
 def test_a_six_hour_outage_drains_in_a_few_requests_with_every_interval_once(tmp_path, portal):
     """6 h of 10 s intervals (2,160) spooled while the portal was down; it comes back: an hour of intervals a
-    request, back to back, in order, nothing lost or repeated; an interval closed during the drain follows
-    within the send period."""
+    request, back to back, newest first, nothing lost or repeated; an interval closed during the drain goes out
+    in the next request, not after the backlog."""
     spool = Spool(tmp_path / "spool.sqlite3")
     for i in range(2160):
         spool.append(make_batch(i))
@@ -126,13 +126,14 @@ def test_a_six_hour_outage_drains_in_a_few_requests_with_every_interval_once(tmp
     portal.server.start()
     for _ in range(3):
         assert sender.step(spool) == 0.0
+    assert portal.requests[0] == list(range(1801, 2161))  # each request in seq order
     spool.append(make_batch(2160))  # closed meanwhile
     while (wait := sender.step(spool)) == 0.0:
         pass
-    assert [len(r) for r in portal.requests] == [360] * 6  # the fresh one waits for the period, no longer
-    assert 0 < wait <= 1.0
+    assert [len(r) for r in portal.requests] == [360] * 6 and 2161 in portal.requests[3]
+    assert 0 < wait <= 1.0  # what is left (the oldest interval) is no full request: it waits for the period
     time.sleep(wait)
-    assert sender.step(spool) == 0.0 and portal.requests[-1] == [2161]
-    assert portal.stored_order == list(range(1, 2162)) and portal.duplicates == 0
+    assert sender.step(spool) == 0.0 and portal.requests[-1] == [1]
+    assert sorted(portal.stored_order) == list(range(1, 2162)) and portal.duplicates == 0
     assert [portal.batches[s]["interval_start"] for s in (1, 2161)] == [1000.0, 1000.0 + 10 * 2160]
     assert spool.stats()["spool_depth"] == 0
