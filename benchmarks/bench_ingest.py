@@ -1,8 +1,8 @@
-"""Ingest benchmark: simulated nodes (8 GPUs, 2 engine endpoints each) post a gzipped batch every 10 s to the real
-POST /api/v1/agent/ingest, served by gunicorn from a fresh PostgreSQL database, on whatever machine this runs on.
+"""Ingest benchmark: simulated nodes (8 GPUs, 2 engine endpoints each) close a 10 s interval each and post them to
+the real portal, served by gunicorn from a fresh PostgreSQL database, on whatever machine this runs on.
 
-    .venv/bin/python benchmarks/bench_ingest.py [--levels 1000,10000,50000] [--seconds 30] [--phase aligned]
-        [--workers N] [--profile 300]
+    .venv/bin/python benchmarks/bench_ingest.py [--levels 1000,10000,25000,50000] [--contracts multi,single]
+        [--send-period 30] [--seconds 30] [--sweep 1,2,4] [--outage-nodes 1000] [--profile 300]
 
 What it does, in one run:
 
@@ -10,31 +10,32 @@ What it does, in one run:
    and the largest level's nodes in bulk: each node ONLINE with a credential, its 8 GPUs, 2 serving endpoints and 2
    scrape targets, i.e. the steady state after a node's first batch (so every level measures the steady-state path).
 2. Starts gunicorn (portal.wsgi) on a free loopback port with DEBUG=0 and the ingest rate limit raised out of the way
-   (locmem cache, no Redis round trips): cores + 1 sync workers by default, 3 on 2 cores (--workers, --worker-class);
-   and the store worker (manage.py store_batches), which writes accepted batches into the telemetry tiers.
-3. For each level (GPUs -> GPUs/8 nodes) runs an OPEN-LOOP schedule: node i posts every 10 s at phase i*10/N s
-   (``--phase aligned`` instead sends every node at the same wall-clock boundary, as the real agent does). Bodies are
-   built before the level starts (interval_end = scheduled send time, seq rising per node), so the generator only
-   does HTTP while it is measured. Latency runs from the SCHEDULED send time to the end of the response, so a
-   backlog shows as growing latency and an achieved rate below target. Warm-up seconds are excluded; what is still
-   unsent or unanswered when the grace period ends counts as unsent (latency infinite). The store worker's queue is
-   sampled throughout: a queue that grows over the measured window is a backlog too; accepted -> stored delays of
-   the window's batches come from their received_at and stored_at.
-4. Stops gunicorn and the store worker and, in this process, compares the store step with a raw COPY: the accept
-   step (portal.telemetry.services.batch_accept on pre-validated BatchIn objects, distinct nodes and seqs, one
-   transaction each, as the view calls it) and the store worker's flushes (batches_store) versus psycopg COPY of the
-   appended rows (IngestedBatch + GpuSample + UsageSample) into the same real tables (indexes, constraints and FK
-   triggers included), once with one transaction per batch and once as one bulk COPY.
-5. Prints the tables, stops gunicorn and drops the database even on error or Ctrl-C.
+   (locmem cache): cores + 1 gthread workers with keep-alive by default (--workers, --worker-class); and the store
+   worker (manage.py store_batches), which writes accepted batches into the telemetry tiers.
+3. For each level (GPUs -> GPUs/8 nodes) and contract runs an OPEN-LOOP schedule (benchmarks/ingest_load.py): under
+   "multi" node i posts every --send-period s at phase i x period / N the intervals closed since its last post, to
+   /api/v1/agent/batches (agents 0.3+); under "single" it posts each interval as it closes to /api/v1/agent/ingest
+   (the contract before, the baseline). Bodies are built before the level starts. What a dashboard sees is the
+   delay from an interval's close (its interval_end) to its rows being stored (the store worker's stored_at): its
+   p50/p99 over the intervals that closed in the measured window, an interval still unstored when the level ends
+   counting as infinite. A backlog is an achieved rate below the target, posts unanswered, answer latency that
+   grows over the window, or a store queue that grows or does not drain.
+4. --sweep: the multi contract at --sweep-gpus with 1, 2, 4 gunicorn workers and as many store workers, to show the
+   CPU per GPU-interval is flat in the number of processes (the tier is stateless; store workers share the queue).
+5. The outage drain: --outage-nodes nodes come back after --outage-hours; each drains its spool (360 intervals a
+   request, back to back) while posting its fresh intervals; the backlog stored per second gives the drain time,
+   and the fresh intervals' close -> stored shows whether the dashboards stayed current.
+6. Stops the servers and, in this process, compares the store step with a raw COPY (benchmarks/ingest_store.py);
+   --profile N profiles the request path of both contracts in process.
 
-CPU shares (client / gunicorn / postgres / idle) are read from /proc over each measured window, as a share of the
-whole machine (all cores = 100 %), so a generator that starves the server on a small machine is visible.
+CPU shares (client / gunicorn + store workers / postgres + redis / idle) are read from /proc over each measured
+window, as a share of the whole machine (all cores = 100 %), so a generator that starves the server on a small
+machine is visible.
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import math
 import os
 import random
@@ -44,215 +45,38 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ingest_fleet import (
     GPUS_PER_NODE,
-    INGEST_PATH,
     INTERVAL_S,
     MODELS,
     REPO,
-    NodeSpec,
-    age_last_seen,
-    batch_body,
-    batch_doc,
     cpu_sample,
     cpu_shares,
     create_database,
     db_urls,
     drop_database,
     free_port,
-    pending_batches,
     setup_fleet,
     start_gunicorn,
-    start_store_worker,
+    start_store_workers,
     stop_process,
 )
+from ingest_load import DrainResult, LevelResult, run_drain, run_level
 from ingest_store import StoreResult, compare_store_vs_copy, profile_requests
 
-# --------------------------------------------------------------------------------------------------- load levels
+GOAL_GPUS = 50_000
+GOAL_CLOSE_P99_S = 35.0
+GOAL_CPU_RATIO = 0.25
+GOAL_DRAIN_S = 600.0
 
 
-@dataclass
-class LevelResult:
-    gpus: int
-    nodes: int
-    target: float
-    sent: int = 0  # sends started in the measured window
-    achieved: float = 0.0  # 2xx responses completed in the measured window, per second
-    p50: float = math.inf
-    p99: float = math.inf
-    p50_first: float = math.inf
-    p50_last: float = math.inf
-    lag_p99: float = 0.0  # how late the generator started sends (scheduled -> actual), when not backlogged
-    non2xx: int = 0
-    statuses: dict = field(default_factory=dict)
-    unsent: int = 0
-    backlog: bool = False
-    cpu: dict = field(default_factory=dict)
-    ts_lag: float = 0.0
-    queue_start: int = 0  # accepted batches waiting for the store worker, at the start of the measured window
-    queue_end: int = 0  # ... and at its end
-    queue_max: int = 0
-    drain_s: float = 0.0  # after the last send, until the queue was empty
-    stored_p50: float = math.inf  # accepted -> stored, batches received in the measured window
-    stored_p99: float = math.inf
-    store_backlog: bool = False
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return math.inf
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
-
-
-def run_level(gpus: int, fleet: list[NodeSpec], port: int, server_pids: set[int], args: argparse.Namespace,
-              rng: random.Random, db_url: str) -> LevelResult:
-    n_nodes = gpus // GPUS_PER_NODE
-    nodes = fleet[:n_nodes]
-    total = args.warmup + args.seconds
-    age_last_seen()
-    schedule = []
-    for i in range(n_nodes):
-        phase = 0.0 if args.phase == "aligned" else i * INTERVAL_S / n_nodes
-        k = 0
-        while phase + k * INTERVAL_S < total:
-            schedule.append((phase + k * INTERVAL_S, i))
-            k += 1
-    schedule.sort()
-    # Build every body first, stamped with its scheduled send time (interval_end): estimate the build time, so
-    # the stamps are "now" when sent.
-    probe_start = time.perf_counter()
-    for _ in range(20):
-        batch_body(batch_doc(nodes[0], 1, time.time(), rng))
-    per_body = (time.perf_counter() - probe_start) / 20
-    t0_wall = time.time() + len(schedule) * per_body * 1.3 + 1.0
-    offsets, bodies, creds = [], [], []
-    for offset, i in schedule:
-        spec = nodes[i]
-        spec.seq += 1
-        offsets.append(offset)
-        bodies.append(batch_body(batch_doc(spec, spec.seq, t0_wall + offset, rng)))
-        creds.append(spec.credential)
-    start = time.monotonic() + max(0.2, t0_wall - time.time())
-    ts_lag = max(0.0, time.time() + (start - time.monotonic()) - t0_wall)  # body stamps behind the schedule by
-
-    n = len(offsets)
-    sent_at: list[float | None] = [None] * n
-    done_at: list[float | None] = [None] * n
-    status: list[int | None] = [None] * n
-    cursor = {"next": 0}
-    lock, stop = threading.Lock(), threading.Event()
-    deadline = start + total + args.grace
-
-    def worker() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=args.timeout)
-        while not stop.is_set():
-            with lock:
-                i = cursor["next"]
-                cursor["next"] += 1
-            if i >= n:
-                break
-            delay = start + offsets[i] - time.monotonic()
-            if delay > 0 and stop.wait(delay):
-                break
-            if time.monotonic() > deadline:
-                break
-            headers = {"Authorization": f"Bearer {creds[i]}", "Content-Type": "application/json",
-                       "Content-Encoding": "gzip", "User-Agent": "tokenmill-bench"}
-            sent_at[i] = time.monotonic()
-            try:
-                conn.request("POST", INGEST_PATH, body=bodies[i], headers=headers)
-                response = conn.getresponse()
-                response.read()
-                code = response.status
-            except (OSError, http.client.HTTPException):
-                code = -1
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=args.timeout)
-            done_at[i] = time.monotonic()
-            status[i] = code
-        conn.close()
-
-    queue: list[tuple[float, int]] = []
-
-    def watch_queue() -> None:
-        import psycopg
-
-        with psycopg.connect(db_url, autocommit=True) as conn:
-            while not stop.is_set():
-                n = conn.execute("SELECT count(*) FROM telemetry_ingestedbatch WHERE stored_at IS NULL").fetchone()[0]
-                queue.append((time.monotonic(), n))
-                stop.wait(0.5)
-
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(args.clients)]
-    watcher = threading.Thread(target=watch_queue, daemon=True)
-    for t in [*threads, watcher]:
-        t.start()
-    try:
-        time.sleep(max(0.0, start + args.warmup - time.monotonic()))
-        cpu_a = cpu_sample(server_pids)
-        window_wall = (time.time(), time.time() + args.seconds)
-        time.sleep(max(0.0, start + total - time.monotonic()))
-        cpu_b = cpu_sample(server_pids)
-        while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
-            time.sleep(0.1)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(args.timeout + 5)
-        watcher.join(5)
-
-    result = LevelResult(gpus=gpus, nodes=n_nodes, target=n_nodes / INTERVAL_S, cpu=cpu_shares(cpu_a, cpu_b),
-                         ts_lag=ts_lag)
-    drain_from = time.monotonic()
-    while pending_batches(db_url) and time.monotonic() < drain_from + 120:
-        time.sleep(0.2)
-    result.drain_s = time.monotonic() - drain_from
-    in_measured = [n for t, n in queue if start + args.warmup <= t < start + total]
-    if in_measured:
-        result.queue_start, result.queue_end, result.queue_max = in_measured[0], in_measured[-1], max(in_measured)
-    import psycopg
-
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d), percentile_cont(0.99) WITHIN GROUP (ORDER BY d), "
-            "count(*) FILTER (WHERE d IS NULL) FROM (SELECT extract(epoch FROM stored_at - received_at) AS d "
-            "FROM telemetry_ingestedbatch WHERE received_at >= to_timestamp(%s) AND received_at < to_timestamp(%s)) x",
-            window_wall).fetchone()
-    if row[0] is not None and not row[2]:
-        result.stored_p50, result.stored_p99 = float(row[0]), float(row[1])
-    # A queue that grew by more than two seconds of batches over the window, or one that did not drain: the store
-    # worker is falling behind.
-    result.store_backlog = (result.queue_end - result.queue_start > 2 * result.target
-                            or result.drain_s >= 120 or bool(row[2]))
-    w0, w1 = start + args.warmup, start + total
-    in_window = [i for i in range(n) if args.warmup <= offsets[i] < total]
-    latencies = [(done_at[i] - (start + offsets[i])) if done_at[i] is not None else math.inf for i in in_window]
-    result.sent = sum(1 for i in in_window if sent_at[i] is not None)
-    result.unsent = sum(1 for i in in_window if done_at[i] is None)
-    ok = [i for i in range(n) if status[i] is not None and 200 <= status[i] < 300]
-    result.achieved = sum(1 for i in ok if w0 <= done_at[i] < w1) / args.seconds
-    for i in in_window:
-        if status[i] is not None and not 200 <= status[i] < 300:
-            result.non2xx += 1
-            result.statuses[status[i]] = result.statuses.get(status[i], 0) + 1
-    result.p50, result.p99 = percentile(latencies, 0.50), percentile(latencies, 0.99)
-    third = max(1, len(latencies) // 3)
-    result.p50_first, result.p50_last = percentile(latencies[:third], 0.5), percentile(latencies[-third:], 0.5)
-    lags = [sent_at[i] - (start + offsets[i]) for i in in_window if sent_at[i] is not None]
-    result.lag_p99 = percentile(lags, 0.99) if lags else 0.0
-    growing = result.p50_last > 2 * result.p50_first and result.p50_last - result.p50_first > 0.25
-    result.backlog = (result.achieved < 0.95 * result.target or result.unsent > 0 or growing
-                      or result.store_backlog)
-    return result
-
-
-# --------------------------------------------------------------------------------------------------- report
+def fmt_s(seconds: float) -> str:
+    if math.isinf(seconds):
+        return "unstored"
+    return f"{seconds:,.1f}" if seconds >= 1 else f"{seconds:,.2f}"
 
 
 def fmt_ms(seconds: float) -> str:
@@ -261,113 +85,166 @@ def fmt_ms(seconds: float) -> str:
     return f"{seconds * 1000:,.0f}" if seconds >= 0.1 else f"{seconds * 1000:,.1f}"
 
 
-def report(levels: list[LevelResult], store: StoreResult | None, args: argparse.Namespace, setup_s: float,
-           elapsed: float) -> None:
-    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    print(f"\n## Ingest benchmark: {os.cpu_count()} CPUs, {memory_gib:.0f} GiB, "
-          f"gunicorn {args.workers} x {args.worker_class}"
-          f"{f' ({args.threads} threads)' if args.worker_class == 'gthread' else ''}, {args.clients} client threads, "
-          f"{args.phase} phases, {args.seconds:.0f} s measured after {args.warmup:.0f} s warm-up per level\n")
-    print("| GPUs | nodes | target batches/s | achieved batches/s | GPU-samples/s | p50 ms | p99 ms | "
-          "p50 first/last third ms | non-2xx | unsent | backlog |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    for r in levels:
-        codes = f" {r.statuses}" if r.statuses else ""
-        print(f"| {r.gpus:,} | {r.nodes:,} | {r.target:,.1f} | {r.achieved:,.1f} | {r.achieved * GPUS_PER_NODE:,.0f} | "
-              f"{fmt_ms(r.p50)} | {fmt_ms(r.p99)} | {fmt_ms(r.p50_first)} / {fmt_ms(r.p50_last)} | "
-              f"{r.non2xx}{codes} | {r.unsent:,} | {'YES' if r.backlog else 'no'} |")
-    print("\nThe store worker's queue (accepted batches not yet in the telemetry tiers) over each measured window, and "
-          "the delay from accept to stored of the window's batches:\n")
-    print("| GPUs | queue at start | queue at end | queue max | drained after the level, s | "
-          "accept -> stored p50 ms | p99 ms | store backlog |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---|")
-    for r in levels:
-        print(f"| {r.gpus:,} | {r.queue_start:,} | {r.queue_end:,} | {r.queue_max:,} | {r.drain_s:.1f} | "
-              f"{fmt_ms(r.stored_p50)} | {fmt_ms(r.stored_p99)} | {'YES' if r.store_backlog else 'no'} |")
-    print("\nCPU over each measured window, share of the whole machine (all cores = 100 %):\n")
-    cpus = os.cpu_count() or 1
-    print("| GPUs | client (load generator) | gunicorn + store worker | postgres | other | idle | "
-          "generator send lag p99 ms | server CPU ms/batch |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+def level_table(levels: list[LevelResult], cpus: int) -> None:
+    print("| GPUs | contract | workers | intervals/s target | absorbed | GPU-samples/s | answer p50 / p99 ms | "
+          "close -> stored p50 / p99 s | server CPU ms / GPU-interval | client / server / postgres+redis / idle CPU | "
+          "non-2xx | backlog |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|")
     for r in levels:
         c = r.cpu
-        per_batch = (c["server"] + c["postgres"]) / 100 * cpus / r.achieved * 1000 if r.achieved else math.inf
-        print(f"| {r.gpus:,} | {c['client']:.0f} % | {c['server']:.0f} % | {c['postgres']:.0f} % | "
-              f"{c['other']:.0f} % | {c['idle']:.0f} % | {fmt_ms(r.lag_p99)} | {per_batch:.1f} |")
-    if any(r.ts_lag > 1 for r in levels):
-        print("\nnote: body timestamps lagged the schedule by up to "
-              f"{max(r.ts_lag for r in levels):.1f} s (body build overran its estimate)")
+        codes = f" {r.statuses}" if r.statuses else ""
+        print(f"| {r.gpus:,} | {r.contract} ({r.period:.0f} s) | {r.workers} | {r.target:,.1f} | {r.achieved:,.1f} | "
+              f"{r.achieved * GPUS_PER_NODE:,.0f} | {fmt_ms(r.p50)} / {fmt_ms(r.p99)} | "
+              f"{fmt_s(r.close_p50)} / {fmt_s(r.close_p99)} | {r.cpu_ms_per_gpu_interval(cpus):.3f} | "
+              f"{c['client']:.0f} / {c['server']:.0f} / {c['postgres']:.0f} / {c['idle']:.0f} % | "
+              f"{r.non2xx}{codes} | {'YES' if r.backlog else 'no'} |")
+
+
+def store_table(store: StoreResult, args: argparse.Namespace) -> None:
+    rows = store.batches * store.rows_per_batch
+    seconds = {name: statistics.median(times) for name, times in
+               (("accept", store.accept), ("store", store.store), ("both", [
+                   a + b for a, b in zip(store.accept, store.store, strict=True)]),
+                ("per_batch", store.copy_per_batch), ("bulk", store.copy_bulk))}
+    rate = {name: rows / t for name, t in seconds.items()}
+    print(f"\nStore step vs raw COPY ({store.batches:,} batches x {args.rounds} rounds, median; appended rows = "
+          f"{store.rows_per_batch}/batch: 1 IngestedBatch + {GPUS_PER_NODE} GpuSample + {len(MODELS)} UsageSample):\n")
+    print("| path | batches/s | appended rows/s | ms/batch |")
+    print("|---|---:|---:|---:|")
+    for name, label in (("accept", "accept: batch_accept(), one transaction per batch"),
+                        ("store", "store worker: batches_store(), 500 batches per transaction"),
+                        ("both", "accept + store worker"),
+                        ("per_batch", "raw COPY, one transaction per batch"),
+                        ("bulk", "raw COPY, all rows in one transaction")):
+        print(f"| {label} | {rate[name] / store.rows_per_batch:,.0f} | {rate[name]:,.0f} | "
+              f"{1000 * store.rows_per_batch / rate[name]:.2f} |")
+
+
+def goals(levels: list[LevelResult], sweep: list[LevelResult], drain: DrainResult | None, cpus: int) -> None:
+    multi = {r.gpus: r for r in levels if r.contract == "multi"}
+    single = {r.gpus: r for r in levels if r.contract == "single"}
+    print()
+    top = multi.get(GOAL_GPUS)
+    if top is not None:
+        ok = not top.backlog and top.close_p99 < GOAL_CLOSE_P99_S
+        print(f"goal: {GOAL_GPUS:,} GPUs at 10 s, no backlog, p99 close -> stored < {GOAL_CLOSE_P99_S:.0f} s at a "
+              f"{top.period:.0f} s send period: {'met' if ok else 'short'} (absorbed {top.achieved:,.0f} of "
+              f"{top.target:,.0f} intervals/s, p99 {fmt_s(top.close_p99)} s, backlog {'yes' if top.backlog else 'no'})")
+    both = [g for g in multi if g in single and not single[g].backlog and not multi[g].backlog]
+    if both:
+        g = max(both)
+        new, old = multi[g].cpu_ms_per_gpu_interval(cpus), single[g].cpu_ms_per_gpu_interval(cpus)
+        print(f"goal: server CPU per GPU-interval <= {GOAL_CPU_RATIO:.2f} x the one-interval contract (at {g:,} GPUs, "
+              f"both absorbing their load): {'met' if new <= GOAL_CPU_RATIO * old else 'short'} ({new:.3f} vs "
+              f"{old:.3f} ms = {new / old:.2f}x)")
+    if sweep:
+        costs = [r.cpu_ms_per_gpu_interval(cpus) for r in sweep]
+        print(f"per-process cost with 1..{sweep[-1].workers} gunicorn and store workers: "
+              + ", ".join(f"{r.workers}: {c:.3f} ms" for r, c in zip(sweep, costs, strict=True))
+              + f" per GPU-interval (max / min {max(costs) / min(costs):.2f})")
+    if drain is not None and drain.fresh is not None:
+        fresh = drain.fresh
+        ok = drain.projected_s < GOAL_DRAIN_S and fresh.close_p99 < GOAL_CLOSE_P99_S and not fresh.backlog
+        print(f"goal: a {drain.hours:.0f}-hour outage of {drain.nodes:,} nodes ({drain.backlog:,} intervals) drains in "
+              f"< {GOAL_DRAIN_S / 60:.0f} min with fresh intervals stored on time: {'met' if ok else 'short'} "
+              f"(backlog stored at {drain.rate:,.0f} intervals/s over {drain.window:.0f} s: the whole in "
+              f"{drain.projected_s / 60:,.1f} min; fresh p99 close -> stored {fmt_s(fresh.close_p99)} s)")
+
+
+def report(levels: list[LevelResult], sweep: list[LevelResult], drain: DrainResult | None,
+           store: StoreResult | None, args: argparse.Namespace, setup_s: float, elapsed: float) -> None:
+    cpus = os.cpu_count() or 1
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    print(f"\n## Ingest benchmark: {cpus} CPUs, {memory_gib:.0f} GiB, gunicorn {args.workers} x {args.worker_class}"
+          f"{f' ({args.threads} threads, keep-alive {args.keep_alive} s)' if args.worker_class == 'gthread' else ''}, "
+          f"{args.clients} client threads, {args.phase} phases, send period {args.send_period:.0f} s\n")
+    level_table(levels, cpus)
+    if sweep:
+        print(f"\nScaling: the multi contract at {args.sweep_gpus:,} GPUs with N gunicorn workers and N store "
+              "workers:\n")
+        level_table(sweep, cpus)
+    if drain is not None and drain.fresh is not None:
+        print(f"\nOutage drain: {drain.nodes:,} nodes back after {drain.hours:.0f} h ({drain.backlog:,} intervals "
+              f"spooled), {args.drain_clients} connections draining, fresh posts meanwhile:\n")
+        print(f"backlog intervals stored: {drain.drained:,} in {drain.window:.0f} s = {drain.rate:,.0f}/s")
+        level_table([drain.fresh], cpus)
     if store is not None:
-        rows = store.batches * store.rows_per_batch
-        seconds = {name: statistics.median(times) for name, times in
-                   (("accept", store.accept), ("store", store.store), ("both", [
-                       a + b for a, b in zip(store.accept, store.store, strict=True)]),
-                    ("per_batch", store.copy_per_batch), ("bulk", store.copy_bulk))}
-        rate = {name: rows / t for name, t in seconds.items()}
-        print(f"\nStore step vs raw COPY ({store.batches:,} batches x {args.rounds} rounds, median; appended rows = "
-              f"{store.rows_per_batch}/batch: 1 IngestedBatch + {GPUS_PER_NODE} GpuSample + {len(MODELS)} UsageSample; "
-              "the store worker also upserts 8 Gpu + 2 ServingEndpoint rows per batch and reads):\n")
-        print("| path | batches/s | appended rows/s | ms/batch |")
-        print("|---|---:|---:|---:|")
-        for name, label in (("accept", "accept: batch_accept(), one transaction per batch (the request's part)"),
-                            ("store", "store worker: batches_store(), 500 batches per transaction"),
-                            ("both", "accept + store worker (every accepted batch in the tiers)"),
-                            ("per_batch", "raw COPY, one transaction per batch"),
-                            ("bulk", "raw COPY, all rows in one transaction")):
-            print(f"| {label} | {rate[name] / store.rows_per_batch:,.0f} | {rate[name]:,.0f} | "
-                  f"{1000 * store.rows_per_batch / rate[name]:.2f} |")
-        print(f"\nratios: store worker / bulk COPY {rate['store'] / rate['bulk']:.2f}; accept + store worker / "
-              f"per-batch COPY {rate['both'] / rate['per_batch']:.2f}")
-        c = store.cpu
-        print(f"\n(during the comparison: this process {c['client']:.0f} %, postgres {c['postgres']:.0f} %, "
-              f"idle {c['idle']:.0f} % of the machine)")
-    if levels:
-        top = levels[-1]
-        capacity = max(r.achieved for r in levels)
-        meets = [r for r in levels if not r.backlog and r.p99 < 0.5 and r.non2xx == 0]
-        print(f"\nhighest achieved: {capacity:,.1f} batches/s = {capacity * GPUS_PER_NODE:,.0f} GPU-samples/s "
-              f"= {capacity * GPUS_PER_NODE * INTERVAL_S:,.0f} GPUs at 10 s resolution")
-        saturated = [r for r in levels if r.backlog and r.achieved]
-        if saturated:
-            r = saturated[0]
-            server = (r.cpu["server"] + r.cpu["postgres"]) / 100 * cpus  # cores the server side used
-            spare = cpus * (1 - r.cpu["client"] / 100)  # cores left when nothing but the generator shares them
-            alone = r.achieved / server * spare if server else 0.0
-            print(f"at saturation ({r.gpus:,} GPUs) the server side used {server:.2f} of {cpus} cores "
-                  f"({r.cpu['other']:.0f} % of the machine went to other work); at the same CPU cost per batch, the "
-                  f"whole machine would absorb about {alone:,.0f} batches/s = {alone * GPUS_PER_NODE * INTERVAL_S:,.0f}"
-                  " GPUs")
-        print(f"largest level with p99 < 500 ms, no backlog, no errors: "
-              f"{f'{meets[-1].gpus:,} GPUs' if meets else 'none'}")
-        goal = top.gpus >= 50_000 and top in meets
-        print(f"goal (50,000 GPUs at 10 s, p99 < 500 ms, no backlog): {'met' if goal else 'NOT met'}")
-    if store is not None:
-        verdict = {"store worker vs bulk COPY": rate["store"] >= 0.5 * rate["bulk"],
-                   "accept + store worker vs per-batch COPY": rate["both"] >= 0.5 * rate["per_batch"]}
-        print("goal (store step >= 0.5 x raw COPY rate): " + ", ".join(
-            f"{name} {'met' if ok else 'NOT met'}" for name, ok in verdict.items()))
+        store_table(store, args)
+    goals(levels, sweep, drain, cpus)
     print(f"\nsetup {setup_s:.0f} s, total {elapsed:.0f} s")
 
 
-# --------------------------------------------------------------------------------------------------- main
+def serve(env: dict, args: argparse.Namespace, var_dir: Path, workers: int) -> tuple:
+    port = free_port()
+    gunicorn = start_gunicorn(env, port, argparse.Namespace(**{**vars(args), "workers": workers}),
+                              var_dir / "gunicorn.log")
+    stores = start_store_workers(env, var_dir / "store.log", count=max(1, workers if args.store_workers == 0
+                                                                          else args.store_workers))
+    return port, [gunicorn, *stores]
 
 
-def main() -> int:
+def _run(env, args, var_dir, workers: int, work):
+    """gunicorn with `workers` workers and the store workers up for `work(port, pids)`, stopped after it."""
+    port, procs = serve(env, args, var_dir, workers)
+    try:
+        return work(port, {p.pid for p in procs})
+    finally:
+        for p in procs:
+            stop_process(p)
+
+
+def measure(env, args, var_dir, fleet, rng, db_url) -> tuple[list[LevelResult], list[LevelResult], DrainResult | None]:
+    levels, sweep = [], []
+    gpus_levels = sorted(int(x) for x in args.levels.split(",") if x.strip())
+
+    def steady(port, pids):
+        for gpus in gpus_levels:
+            for contract in args.contracts.split(","):
+                print(f"level {gpus:,} GPUs, {contract} ...", flush=True)
+                r = run_level(gpus=gpus, contract=contract, fleet=fleet, port=port, server_pids=pids, args=args,
+                              rng=rng, db_url=db_url)
+                print(f"  absorbed {r.achieved:,.1f}/{r.target:,.1f} intervals/s, close -> stored p99 "
+                      f"{fmt_s(r.close_p99)} s, answer p99 {fmt_ms(r.p99)} ms, backlog {r.backlog}", flush=True)
+                levels.append(r)
+        if not args.outage_nodes:
+            return None
+        print(f"outage drain: {args.outage_nodes:,} nodes after {args.outage_hours:.0f} h ...", flush=True)
+        return run_drain(fleet=fleet, port=port, server_pids=pids, args=args, rng=rng, db_url=db_url)
+
+    drain = _run(env, args, var_dir, args.workers, steady)
+    for workers in (int(x) for x in args.sweep.split(",") if x.strip()):
+        print(f"sweep: {workers} gunicorn + store workers at {args.sweep_gpus:,} GPUs ...", flush=True)
+        sized = argparse.Namespace(**{**vars(args), "workers": workers, "store_workers": workers})
+        sweep.append(_run(env, sized, var_dir, workers, lambda port, pids, sized=sized: run_level(
+            gpus=args.sweep_gpus, contract="multi", fleet=fleet, port=port, server_pids=pids, args=sized, rng=rng,
+            db_url=db_url)))
+    return levels, sweep, drain
+
+
+def arguments() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--levels", default="1000,10000,50000", help="GPU counts, comma separated (8 GPUs a node)")
-    ap.add_argument("--seconds", type=float, default=30.0, help="measured seconds per level")
-    ap.add_argument("--warmup", type=float, default=10.0, help="seconds per level before measuring")
-    ap.add_argument("--grace", type=float, default=10.0, help="seconds after the schedule to drain in-flight sends")
-    ap.add_argument("--timeout", type=float, default=30.0, help="HTTP timeout per request")
+    ap.add_argument("--levels", default="1000,10000,25000,50000", help="GPU counts, comma separated (8 GPUs a node)")
+    ap.add_argument("--contracts", default="multi,single", help="multi (agents 0.3+), single (the baseline)")
+    ap.add_argument("--send-period", type=float, default=30.0, help="seconds between a node's posts (multi)")
+    ap.add_argument("--seconds", type=float, default=30.0, help="measured seconds per level (at least 2 periods)")
+    ap.add_argument("--warmup", type=float, default=10.0, help="seconds per level before measuring, plus a period")
+    ap.add_argument("--grace", type=float, default=10.0, help="seconds after the schedule to drain in-flight posts")
+    ap.add_argument("--timeout", type=float, default=60.0, help="HTTP timeout per request")
     ap.add_argument("--phase", choices=("spread", "aligned"), default="spread",
-                    help="spread: node i at i*10/N s; aligned: every node on the 10 s boundary (the real agent)")
-    ap.add_argument("--workers", type=int, default=(os.cpu_count() or 1) + 1,
-                    help="gunicorn workers (default cores + 1: a request is ~80 %% CPU in the worker, so one more than "
-                         "the cores covers its PostgreSQL waits; on 2 cores 3 and 4 sync workers measured alike, 6 and "
-                         "gthread 2x4 lower)")
-    ap.add_argument("--worker-class", default="sync", choices=("sync", "gthread"))
-    ap.add_argument("--threads", type=int, default=4, help="threads per gthread worker")
+                    help="spread: node i at i x period / N; aligned: every node at the same second")
+    ap.add_argument("--workers", type=int, default=(os.cpu_count() or 1) + 1, help="gunicorn workers")
+    ap.add_argument("--store-workers", type=int, default=1, help="store workers (0: as many as gunicorn workers)")
+    ap.add_argument("--worker-class", default="gthread", choices=("sync", "gthread"))
+    ap.add_argument("--threads", type=int, default=2, help="threads per gthread worker")
+    ap.add_argument("--keep-alive", type=int, default=75, help="gthread keep-alive seconds (above the send period)")
     ap.add_argument("--clients", type=int, default=64, help="load-generator threads (max concurrent requests)")
+    ap.add_argument("--sweep", default="1,2,4", help="gunicorn and store worker counts to compare ('' skips)")
+    ap.add_argument("--sweep-gpus", type=int, default=10_000, help="the level the sweep runs at")
+    ap.add_argument("--outage-nodes", type=int, default=1000, help="nodes back from an outage (0 skips the drain)")
+    ap.add_argument("--outage-hours", type=float, default=6.0)
+    ap.add_argument("--drain-seconds", type=float, default=120.0, help="seconds the drain is measured over")
+    ap.add_argument("--drain-requests", type=int, default=400, help="backlog requests built for the drain")
+    ap.add_argument("--drain-clients", type=int, default=8, help="connections draining backlog at once")
     ap.add_argument("--store-batches", type=int, default=1000, help="batches per round in the store-vs-COPY test")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the store-vs-COPY test")
     ap.add_argument("--skip-http", action="store_true", help="only the store-vs-COPY comparison")
@@ -376,10 +253,16 @@ def main() -> int:
     ap.add_argument("--pg-admin-url", default=os.environ.get("BENCH_PG_ADMIN_URL",
                                                            "postgresql://postgres@127.0.0.1:5432/postgres"))
     ap.add_argument("--db", default="tokenmill_bench", help="database to create (and drop at the end)")
-    args = ap.parse_args()
-    levels = sorted(int(x) for x in args.levels.split(",") if x.strip())
-    n_nodes = max(max(levels) // GPUS_PER_NODE, args.store_batches, args.profile)
+    ap.add_argument("--cache-url", default=os.environ.get("BENCH_CACHE_URL", "redis://127.0.0.1:6379/13"),
+                    help="the portal's cache (rate-limit counters), as in a deployment")
+    return ap.parse_args()
 
+
+def main() -> int:
+    args = arguments()
+    levels = [int(x) for x in args.levels.split(",") if x.strip()]
+    n_nodes = max(max(levels) // GPUS_PER_NODE, args.sweep_gpus // GPUS_PER_NODE, args.outage_nodes,
+                  args.store_batches, args.profile)
     before = cpu_sample(set())
     time.sleep(2.0)
     busy = 100.0 - cpu_shares(before, cpu_sample(set()))["idle"]
@@ -392,7 +275,9 @@ def main() -> int:
     env.update({
         "DATABASE_URL": db_url, "DJANGO_SETTINGS_MODULE": "portal.settings", "DEBUG": "0",
         "TOKENMILL_VAR_DIR": str(var_dir), "SECRET_KEY": os.urandom(32).hex(), "LOG_LEVEL": "WARNING",
-        # Out of the way: every node posts 6 a minute, far below it; locmem cache (no Redis round trips).
+        # As deployed: the rate-limit counters in Redis (the demo's file cache lists its directory on writes).
+        "CACHE_URL": args.cache_url,
+        # Out of the way: a draining node posts back to back.
         "INGEST_MAX_BATCHES_PER_MINUTE": "1000000", "CELERY_TASK_ALWAYS_EAGER": "0",
     })
     os.environ.clear()
@@ -404,10 +289,7 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)  # also when started in the background, where SIGINT is ignored
-    gunicorn = store_worker = None
     created = False
-    results: list[LevelResult] = []
-    store = None
     try:
         create_database(args.pg_admin_url, args.db)
         created = True
@@ -420,26 +302,12 @@ def main() -> int:
         setup_s = time.monotonic() - began
         print(f"setup: database {args.db}, {n_nodes:,} nodes / {n_nodes * GPUS_PER_NODE:,} GPUs with credentials "
               f"in {setup_s:.0f} s", flush=True)
-        if not args.skip_http:
-            port = free_port()
-            gunicorn = start_gunicorn(env, port, args, var_dir / "gunicorn.log")
-            store_worker = start_store_worker(env, var_dir / "store.log")
-            for gpus in levels:
-                print(f"level {gpus:,} GPUs ...", flush=True)
-                result = run_level(gpus, fleet, port, {gunicorn.pid, store_worker.pid}, args, rng, db_url)
-                results.append(result)
-                print(f"  achieved {result.achieved:,.1f}/{result.target:,.1f} batches/s, p50 {fmt_ms(result.p50)} ms, "
-                      f"p99 {fmt_ms(result.p99)} ms, unsent {result.unsent}, non-2xx {result.non2xx}, store queue "
-                      f"{result.queue_start}->{result.queue_end}, accept->stored p99 {fmt_ms(result.stored_p99)} ms",
-                      flush=True)
-            stop_process(gunicorn)
-            stop_process(store_worker)
-            gunicorn = store_worker = None
+        results, sweep, drain = ([], [], None) if args.skip_http else measure(env, args, var_dir, fleet, rng, db_url)
         print("store step vs raw COPY ...", flush=True)
         store = compare_store_vs_copy(fleet, db_url, args, rng)
-        report(results, store, args, setup_s, time.monotonic() - began)
+        report(results, sweep, drain, store, args, setup_s, time.monotonic() - began)
         if args.profile:
-            profile_requests(fleet, args.profile, rng)
+            profile_requests(fleet, args.profile, rng, per_post=round(args.send_period / INTERVAL_S))
         for log in (var_dir / "gunicorn.log", var_dir / "store.log"):
             if log.exists() and "Traceback" in log.read_text():
                 print(f"\n{log.name} has tracebacks:\n{log.read_text()[-4000:]}", file=sys.stderr)
@@ -448,8 +316,6 @@ def main() -> int:
         print("\ninterrupted; cleaning up", file=sys.stderr)
         return 130
     finally:
-        stop_process(gunicorn)
-        stop_process(store_worker)
         if "django" in sys.modules:
             from django.db import connections
 

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = REPO / ".venv" / "bin" if (REPO / ".venv" / "bin" / "gunicorn").exists() else Path(sys.executable).parent
-INGEST_PATH = "/api/v1/agent/ingest"
+INGEST_PATH, BATCHES_PATH = "/api/v1/agent/ingest", "/api/v1/agent/batches"
 GPUS_PER_NODE = 8
 INTERVAL_S = 10.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -95,9 +95,10 @@ def batch_doc(spec: NodeSpec, seq: int, end: float, rng: random.Random) -> dict:
     }
 
 
-def batch_body(doc: dict) -> bytes:
-    """As the agent's spool writes it: compact JSON, gzip level 6."""
-    return gzip.compress(json.dumps(doc, separators=(",", ":")).encode(), compresslevel=6, mtime=0)
+def request_body(docs: list[dict], contract: str) -> bytes:
+    """As the agent sends it: one interval (single) or the envelope of several (multi), compact JSON, gzip 6."""
+    payload = docs[0] if contract == "single" else {"schema_version": 1, "batches": docs}
+    return gzip.compress(json.dumps(payload, separators=(",", ":")).encode(), compresslevel=6, mtime=0)
 
 
 # --------------------------------------------------------------------------------------------------- database
@@ -186,7 +187,7 @@ def age_last_seen() -> None:
 class CpuSample:
     client: float
     server: float  # gunicorn (master and workers) and the store worker
-    postgres: float
+    postgres: float  # and redis-server
     total: float  # all CPUs, jiffies
     idle: float
 
@@ -210,7 +211,7 @@ def cpu_sample(server_pids: set[int]) -> CpuSample:
             client += ticks
         elif pid in server_pids or ppid in server_pids:
             server += ticks + (reaped if pid in server_pids else 0)
-        elif comm == "postgres":
+        elif comm in ("postgres", "redis-server"):  # the portal's databases: rows, and the rate-limit counters
             pg += ticks + reaped
     with open("/proc/stat") as fh:
         values = [int(v) for v in fh.readline().split()[1:]]
@@ -238,8 +239,8 @@ def free_port() -> int:
 def start_gunicorn(env: dict, port: int, args: argparse.Namespace, log_path: Path) -> subprocess.Popen:
     cmd = [str(BIN / "gunicorn"), "portal.wsgi", "--bind", f"127.0.0.1:{port}", "--workers", str(args.workers),
            "--worker-class", args.worker_class, "--backlog", "4096", "--timeout", "120", "--log-level", "warning"]
-    if args.worker_class == "gthread":
-        cmd += ["--threads", str(args.threads)]
+    if args.worker_class == "gthread":  # sync workers close every connection after its answer
+        cmd += ["--threads", str(args.threads), "--keep-alive", str(args.keep_alive)]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 60
@@ -274,10 +275,12 @@ def stop_process(proc: subprocess.Popen | None) -> None:
         pass
 
 
-def start_store_worker(env: dict, log_path: Path) -> subprocess.Popen:
+def start_store_workers(env: dict, log_path: Path, count: int = 1) -> list[subprocess.Popen]:
+    """`count` store workers (manage.py store_batches); several share the queue, each skipping what another
+    holds."""
     with open(log_path, "ab") as log:
-        return subprocess.Popen([sys.executable, "manage.py", "store_batches"], cwd=REPO, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return [subprocess.Popen([sys.executable, "manage.py", "store_batches"], cwd=REPO, env=env, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True) for _ in range(count)]
 
 
 def pending_batches(db_url: str) -> int:

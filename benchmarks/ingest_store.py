@@ -13,15 +13,16 @@ import time
 from dataclasses import dataclass, field
 
 from ingest_fleet import (
+    BATCHES_PATH,
     GPUS_PER_NODE,
     INGEST_PATH,
     MODELS,
     NodeSpec,
     age_last_seen,
-    batch_body,
     batch_doc,
     cpu_sample,
     cpu_shares,
+    request_body,
 )
 
 # --------------------------------------------------------------------------------------------------- store vs COPY
@@ -149,40 +150,46 @@ def compare_store_vs_copy(fleet: list[NodeSpec], db_url: str, args: argparse.Nam
 # --------------------------------------------------------------------------------------------------- profile
 
 
-def profile_requests(fleet: list[NodeSpec], count: int, rng: random.Random) -> None:
+def profile_requests(fleet: list[NodeSpec], count: int, rng: random.Random, *, per_post: int = 3) -> None:
     """Where a worker's time goes, in this process (no gunicorn, no network): `count` full requests through Django
-    (middleware, auth, validation, accept, response) timed plainly, then the view's stages timed one by one, then a
-    cProfile of `count` more requests."""
+    (middleware, auth, validation, accept, response) under each contract, timed plainly; then the stages of a
+    multi-interval request one by one; then a cProfile of `count` more."""
     import cProfile
     import pstats
 
+    import pydantic_core
     from django.db import connection
     from django.test import Client
 
     from portal.fleet.services import credential_authenticate
     from portal.telemetry.api import agent_config
-    from portal.telemetry.schemas import BatchIn
-    from portal.telemetry.services import batch_accept
+    from portal.telemetry.schemas import BatchesEnvelopeIn, BatchIn
+    from portal.telemetry.services import batches_accept
 
     nodes = fleet[:count]
     client = Client()
+    paths = {"multi": BATCHES_PATH, "single": INGEST_PATH}
 
-    def bodies() -> list[tuple[str, bytes]]:
+    def bodies(contract: str) -> list[tuple[str, bytes]]:
         now = time.time()
         out = []
         for spec in nodes:
-            spec.seq += 1
-            out.append((spec.credential, batch_body(batch_doc(spec, spec.seq, now, rng))))
+            docs = []
+            for j in range(per_post if contract == "multi" else 1):
+                spec.seq += 1
+                docs.append(batch_doc(spec, spec.seq, now - 10 * (per_post - 1 - j), rng))
+            out.append((spec.credential, request_body(docs, contract)))
         return out
 
-    def post(credential: str, body: bytes) -> None:
-        response = client.post(INGEST_PATH, data=body, content_type="application/json",
+    def post(contract: str, credential: str, body: bytes) -> None:
+        response = client.post(paths[contract], data=body, content_type="application/json",
                                headers={"Authorization": f"Bearer {credential}", "Content-Encoding": "gzip"})
-        if response.status_code != 200:
+        if response.status_code != 200 or b'"rejected"' in response.content or b'"conflict"' in response.content:
             raise RuntimeError(f"profile request failed: {response.status_code} {response.content[:300]!r}")
 
     age_last_seen()
-    post(*bodies()[0])  # first request: URL resolver and imports, not steady state
+    for contract in paths:
+        post(contract, *bodies(contract)[0])  # first request: URL resolver and imports, not steady state
     statements: list[str] = []
 
     def capture(execute, sql_text, params, many, context):
@@ -190,30 +197,39 @@ def profile_requests(fleet: list[NodeSpec], count: int, rng: random.Random) -> N
         return execute(sql_text, params, many, context)
 
     with connection.execute_wrapper(capture):
-        post(*bodies()[0])
-    names = ("gunzip", "validate (BatchIn.model_validate_json)", "authenticate (credential lookup)",
-             "accept (batch_accept)", "agent_config")
-    full = full_cpu = math.inf
+        post("multi", *bodies("multi")[0])
+    print(f"\nprofile ({count} requests in-process, Django test client, no network; wall ms / CPU ms of this process, "
+          "best of 3 rounds):")
+    for contract in paths:
+        per = per_post if contract == "multi" else 1
+        full = full_cpu = math.inf
+        for _ in range(3):  # best of three, against noise from anything else on the machine
+            age_last_seen()
+            requests = bodies(contract)
+            began, cpu_began = time.perf_counter(), time.process_time()
+            for credential, body in requests:
+                post(contract, credential, body)
+            full = min(full, (time.perf_counter() - began) / count)
+            full_cpu = min(full_cpu, (time.process_time() - cpu_began) / count)
+        print(f"  {contract:<6} full request, {per} interval(s): {1000 * full:6.2f} / {1000 * full_cpu:5.2f} "
+              f"a request, {1000 * full / per:6.2f} / {1000 * full_cpu / per:5.2f} an interval")
+    names = ("gunzip", "parse JSON + envelope", "validate each (BatchIn.model_validate)",
+             "authenticate (credential lookup)", "accept (batches_accept)", "agent_config")
     wall, cpu = dict.fromkeys(names, math.inf), dict.fromkeys(names, math.inf)
-    for _ in range(3):  # best of three, against noise from anything else on the machine
-        age_last_seen()
-        requests = bodies()
-        began, cpu_began = time.perf_counter(), time.process_time()
-        for credential, body in requests:
-            post(credential, body)
-        full = min(full, (time.perf_counter() - began) / count)
-        full_cpu = min(full_cpu, (time.process_time() - cpu_began) / count)
+    for _ in range(3):
         age_last_seen()
         round_wall, round_cpu = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
-        for credential, body in bodies():
+        for credential, body in bodies("multi"):
             marks = [(time.perf_counter(), time.process_time())]
             raw = gzip.decompress(body)
             marks.append((time.perf_counter(), time.process_time()))
-            batch = BatchIn.model_validate_json(raw)
+            envelope = BatchesEnvelopeIn.model_validate(pydantic_core.from_json(raw))
+            marks.append((time.perf_counter(), time.process_time()))
+            batches = [BatchIn.model_validate(item) for item in envelope.batches]
             marks.append((time.perf_counter(), time.process_time()))
             cred = credential_authenticate(value=credential)
             marks.append((time.perf_counter(), time.process_time()))
-            batch_accept(credential=cred, batch=batch)
+            batches_accept(credential=cred, batches=batches)
             marks.append((time.perf_counter(), time.process_time()))
             agent_config(cred.node)
             marks.append((time.perf_counter(), time.process_time()))
@@ -222,28 +238,22 @@ def profile_requests(fleet: list[NodeSpec], count: int, rng: random.Random) -> N
                 round_cpu[name] += (b[1] - a[1]) / count
         for name in names:
             wall[name], cpu[name] = min(wall[name], round_wall[name]), min(cpu[name], round_cpu[name])
-    print(f"\nprofile ({count} requests in-process, Django test client, no network; wall ms / CPU ms of this process "
-          "per request, best of 3 rounds):")
-    print(f"  {'full request':<40} {1000 * full:6.2f} / {1000 * full_cpu:5.2f}   "
-          f"({len(statements)} ORM statements per request)")
+    print(f"  stages of a multi request ({per_post} intervals), a request ({len(statements)} statements):")
     for name in names:
-        print(f"  {name:<40} {1000 * wall[name]:6.2f} / {1000 * cpu[name]:5.2f}")
-    rest_wall, rest_cpu = full - sum(wall.values()), full_cpu - sum(cpu.values())
-    print(f"  {'rest (middleware, ninja, response)':<40} {1000 * rest_wall:6.2f} / {1000 * rest_cpu:5.2f}")
+        print(f"    {name:<40} {1000 * wall[name]:6.2f} / {1000 * cpu[name]:5.2f}")
     print("  statements of one request:")
     for statement in statements:
         print(f"    {statement[:150]}")
 
     age_last_seen()
-    requests = bodies()
+    requests = bodies("multi")
     profiler = cProfile.Profile()
     profiler.enable()
     for credential, body in requests:
-        post(credential, body)
+        post("multi", credential, body)
     profiler.disable()
     stats = pstats.Stats(profiler)
-    print("\ncProfile, project functions by cumulative time:")
+    print("\ncProfile of multi requests, project functions by cumulative time:")
     stats.sort_stats("cumulative").print_stats(r"portal/", 25)
     print("cProfile, all functions by own time:")
     stats.sort_stats("tottime").print_stats(20)
-
