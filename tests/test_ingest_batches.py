@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from portal.fleet.models import Gpu, Node
+from portal.fleet.services import credential_authenticate, credential_revoke
 from portal.telemetry.models import GpuSample, IngestedBatch, UsageSample
 from portal.telemetry.schemas import MAX_INTERVALS_PER_POST
 from portal.telemetry.store import batches_store
@@ -174,3 +175,15 @@ def test_the_store_worker_takes_the_newest_intervals_first(client):
     assert batches_store(limit=1) == 1
     assert list(IngestedBatch.objects.filter(stored_at__isnull=False).values_list("seq", flat=True)) == [6]
     assert batches_store() == 5 and not IngestedBatch.objects.filter(stored_at__isnull=True).exists()
+
+
+def test_the_credential_lookup_gives_the_node_as_the_orm_would_and_refuses_a_revoked_one():
+    node, cred = node_with_credential(hostname="gpu-lookup")
+    Node.objects.filter(pk=node.pk).update(last_seen=timezone.now(), interval_s=15)
+    found = credential_authenticate(value=cred)
+    assert found.node_id == node.pk and found.node.interval_s == 15
+    assert found.node.last_seen.tzinfo is not None and found.node.last_seen <= timezone.now()
+    assert found.node.hostname == "gpu-lookup"  # a field the lookup did not read loads when read
+    credential_revoke(node=node)
+    assert credential_authenticate(value=cred) is None
+    assert credential_authenticate(value=cred[:-1] + ("x" if cred[-1] != "x" else "y")) is None
