@@ -3,12 +3,14 @@ partition or DEFAULT, partitions are made ahead idempotently and take in the row
 retention drops whole rolled-up days and keeps a day still to be rolled up, rollups and dashboards read across
 partitions, and the migration reversed and applied again keeps every row. On SQLite the tables stay plain."""
 
+import threading
+import time as clock
 from datetime import UTC, date, datetime, time, timedelta
 
 import pytest
 from django.conf import settings
 from django.core.management import call_command
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
 from portal.economics.selectors import tokens_per_second_now
@@ -76,7 +78,7 @@ def test_on_sqlite_the_tables_stay_plain_and_the_functions_say_so():
     assert raw_partitions_ensure() == Ensured(partitioned=False)
     assert raw_partitions_drop(before=timezone.now(), rolled_up_until=timezone.now()) == Dropped(
         partitioned=False, rows={GPU: 0, USAGE: 0})
-    assert tasks.raw_partitions_ensure.apply().get() == []
+    assert tasks.raw_partitions_ensure.apply().get() == {"partitioned": False, "created": [], "moved": 0, "busy": []}
 
 
 @postgres_only
@@ -149,7 +151,42 @@ def test_making_partitions_ahead_is_idempotent():
     beat = settings.CELERY_BEAT_SCHEDULE["telemetry-partitions"]
     assert beat["task"] == "portal.telemetry.tasks.raw_partitions_ensure"
     raw_partitions_ensure()
-    assert tasks.raw_partitions_ensure.apply().get() == []
+    assert tasks.raw_partitions_ensure.apply().get() == {"partitioned": True, "created": [], "moved": 0, "busy": []}
+
+
+@postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_a_table_that_stays_locked_gets_its_partition_on_a_later_run_and_no_long_wait():
+    locked, release, failures = threading.Event(), threading.Event(), []
+
+    def long_read() -> None:
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute("LOCK TABLE telemetry_gpusample IN ACCESS SHARE MODE")  # what a long read holds
+                locked.set()
+                release.wait(10)
+        except Exception as exc:  # reported by the test thread
+            failures.append(exc)
+        finally:
+            connection.close()
+
+    day = today() + timedelta(days=50)
+    gpu_day, usage_day = partition_name(table=GPU, day=day), partition_name(table=USAGE, day=day)
+    reader = threading.Thread(target=long_read)
+    reader.start()
+    try:
+        assert locked.wait(10)
+        began = clock.monotonic()
+        ensured = raw_partitions_ensure(now=midnight(day), days_ahead=0)
+        assert clock.monotonic() - began < 3
+        assert ensured == Ensured(partitioned=True, created=[usage_day], busy=[gpu_day])
+    finally:
+        release.set()
+        reader.join(10)
+    assert failures == []
+    assert raw_partitions_ensure(now=midnight(day), days_ahead=0).created == [gpu_day]
+    with connection.cursor() as cursor:  # the flush after this test empties tables but keeps partitions
+        cursor.execute(f"DROP TABLE {gpu_day}, {usage_day}")
 
 
 @postgres_only
@@ -196,7 +233,7 @@ def test_dropping_old_days_keeps_a_day_with_a_row_not_rolled_up(gpu_and_endpoint
         partitioned=True, rows={GPU: 3, USAGE: 2},
         dropped=[partition_name(table=GPU, day=day_a), partition_name(table=USAGE, day=day_a),
                  partition_name(table=USAGE, day=day_b)],
-        kept={partition_name(table=GPU, day=day_b): "1 rows not in the minute tier yet"})
+        kept={partition_name(table=GPU, day=day_b): "rows not in the minute tier yet: 1"})
     assert day_a not in day_partitions(table=GPU) and day_b in day_partitions(table=GPU)
     assert GpuSample.objects.count() == 3 and UsageSample.objects.count() == 0
 

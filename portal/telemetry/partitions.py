@@ -9,6 +9,7 @@ The beat creates the coming days' partitions ahead of time (raw_partitions_ensur
 (raw_partitions_drop). SQLite keeps plain tables: there both functions do nothing and say so (partitioned=False).
 """
 
+import logging
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from django.db import OperationalError, connection, transaction
 from django.utils import timezone
 from psycopg import errors, sql
 
+logger = logging.getLogger(__name__)
 RAW_TABLES = ("telemetry_gpusample", "telemetry_usagesample")
 # The beat runs hourly: a week ahead leaves a stopped beat days to be noticed before rows of a new day go to
 # DEFAULT (they are stored all the same, and moved into the day's partition once it is created).
@@ -80,6 +82,8 @@ def raw_partitions_ensure(*, now: datetime | None = None, days_ahead: int = DAYS
             except OperationalError as exc:
                 if not _waited_too_long(exc):
                     raise
+                logger.warning("partition %s not created: its table stayed locked past %s; the next run tries again",
+                               name, LOCK_TIMEOUT)
                 busy.append(name)
                 continue
             created.append(name)
@@ -103,10 +107,11 @@ def raw_partitions_drop(*, before: datetime, rolled_up_until: datetime) -> Dropp
             except OperationalError as exc:
                 if not _waited_too_long(exc):
                     raise
-                kept[name] = f"locked by other work for over {LOCK_TIMEOUT}; next run"
+                kept[name] = f"its table stayed locked past {LOCK_TIMEOUT}; the next run tries again"
+                logger.warning("partition %s not dropped: %s", name, kept[name])
                 continue
             if waiting:
-                kept[name] = f"{waiting} rows not in the minute tier yet"
+                kept[name] = f"rows not in the minute tier yet: {waiting}"
                 continue
             rows[table] += held
             dropped.append(name)

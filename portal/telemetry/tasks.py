@@ -1,3 +1,5 @@
+from dataclasses import asdict
+
 from celery import shared_task
 
 from portal.telemetry import partitions, rollups
@@ -19,5 +21,5 @@ def apply_retention() -> dict[str, int]:
 
 
 @shared_task(acks_late=True)
-def raw_partitions_ensure() -> list[str]:
-    return partitions.raw_partitions_ensure().created
+def raw_partitions_ensure() -> dict:
+    return asdict(partitions.raw_partitions_ensure())
