@@ -93,7 +93,7 @@ def raw_partitions_ensure(*, now: datetime | None = None, days_ahead: int = DAYS
 def raw_partitions_drop(*, before: datetime, rolled_up_until: datetime) -> Dropped:
     """Drop the day partitions whose whole day lies before `before` and whose rows are all in the minute tier
     (stored_at <= rolled_up_until); returns the rows they held. One holding a row not rolled up yet is kept, for
-    a later run: retention deletes its rolled-up rows meanwhile, like those in DEFAULT."""
+    a later run (the rollup runs every minute, retention hourly)."""
     rows = dict.fromkeys(RAW_TABLES, 0)
     if connection.vendor != "postgresql":
         return Dropped(partitioned=False, rows=rows)
@@ -116,6 +116,16 @@ def raw_partitions_drop(*, before: datetime, rolled_up_until: datetime) -> Dropp
             rows[table] += held
             dropped.append(name)
     return Dropped(partitioned=True, rows=rows, dropped=dropped, kept=kept)
+
+
+def raw_default_delete(*, table: str, before: datetime, rolled_up_until: datetime) -> int:
+    """Delete the rolled-up rows older than `before` from a raw table's DEFAULT partition (the days that had no
+    partition: backdated intervals); returns how many. The day partitions are never trimmed row by row: each
+    goes whole, once all of its day is past the window (raw_partitions_drop)."""
+    with connection.cursor() as cursor:
+        cursor.execute(sql.SQL("DELETE FROM {} WHERE ts < %s AND stored_at <= %s").format(
+            sql.Identifier(f"{table}_default")), [before, rolled_up_until])
+        return cursor.rowcount
 
 
 def _day_start(day: date) -> datetime:

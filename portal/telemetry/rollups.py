@@ -26,7 +26,7 @@ from portal.telemetry.models import (
     UsageMinute,
     UsageSample,
 )
-from portal.telemetry.partitions import raw_partitions_drop
+from portal.telemetry.partitions import raw_default_delete, raw_partitions_drop
 from portal.telemetry.schemas import HISTOGRAMS
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -203,8 +203,8 @@ def _upsert(model, rows: list, unique: list[str], fields: list[str], chunk: int 
 
 
 def apply_retention(*, now: datetime | None = None) -> dict[str, int]:
-    """Delete raw rows past their window once rolled up, minute GPU rows past theirs, old dedup records.
-    Usage minutes and hours are never deleted."""
+    """Delete raw rows past their window once rolled up (on PostgreSQL whole days at a time), minute GPU rows past
+    theirs, old dedup records. Usage minutes and hours are never deleted."""
     now = now or timezone.now()
     rollup_minutes(now=now)
     rollup_hours(now=now)
@@ -213,17 +213,23 @@ def apply_retention(*, now: datetime | None = None) -> dict[str, int]:
     # A batch may be up to 30 days old on arrival (ingest's limit): minute rows older than that plus a day can
     # receive nothing new, and the hour tier already holds them.
     minute_cutoff = now - timedelta(days=max(settings.TELEMETRY_MINUTE_RETENTION_DAYS, 30) + 1)
-    # On PostgreSQL whole old days go as partitions (their rows counted); the rows left past the window (the day
-    # that holds the cutoff, DEFAULT, a day still holding rows not rolled up) are deleted one by one.
-    raw = raw_partitions_drop(before=raw_cutoff, rolled_up_until=minute_wm).rows
+    dropped = raw_partitions_drop(before=raw_cutoff, rolled_up_until=minute_wm)
     deleted = {
-        "gpu_samples": raw[GpuSample._meta.db_table]
-        + GpuSample.objects.filter(ts__lt=raw_cutoff, stored_at__lte=minute_wm).delete()[0],
-        "usage_samples": raw[UsageSample._meta.db_table]
-        + UsageSample.objects.filter(ts__lt=raw_cutoff, stored_at__lte=minute_wm).delete()[0],
+        name: dropped.rows[model._meta.db_table] + _raw_rows_delete(model, dropped.partitioned, raw_cutoff, minute_wm)
+        for name, model in (("gpu_samples", GpuSample), ("usage_samples", UsageSample))
+    } | {
         "gpu_minutes": GpuMinute.objects.filter(ts__lt=minute_cutoff).delete()[0],
         # Only stored batches: one set aside with a store error keeps its payload until it is stored.
         "batches": IngestedBatch.objects.filter(received_at__lt=now - timedelta(days=31),
                                                 stored_at__isnull=False).delete()[0],
     }
     return deleted
+
+
+def _raw_rows_delete(model, partitioned: bool, before: datetime, rolled_up_until: datetime) -> int:
+    """Raw rows past the window, deleted one by one: on plain tables (SQLite) all of them; on PostgreSQL only
+    those in DEFAULT, since a day partition goes whole once its day is past the window (raw_partitions_drop), so
+    raw readings are kept for the window and at most a day more."""
+    if partitioned:
+        return raw_default_delete(table=model._meta.db_table, before=before, rolled_up_until=rolled_up_until)
+    return model.objects.filter(ts__lt=before, stored_at__lte=rolled_up_until).delete()[0]
