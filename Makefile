@@ -39,8 +39,11 @@ bench: bench-agent bench-ingest bench-dashboard
 bench-agent: venv
 	$(BIN)/python benchmarks/bench_agent.py
 
+# Ingest at 1k-50k GPUs under both contracts, the process sweep and the outage drain; then the raw tiers' cost with
+# 1 vs 30 days of history.
 bench-ingest: venv
 	$(BIN)/python benchmarks/bench_ingest.py
+	$(BIN)/python benchmarks/ingest_history.py
 
 bench-dashboard: venv
 	$(BIN)/python benchmarks/bench_dashboard.py

@@ -186,7 +186,8 @@ def age_last_seen() -> None:
 @dataclass
 class CpuSample:
     client: float
-    server: float  # gunicorn (master and workers) and the store worker
+    server: float  # gunicorn (master and workers) and the store workers
+    store: float  # of which the store workers
     postgres: float  # and redis-server
     total: float  # all CPUs, jiffies
     idle: float
@@ -194,7 +195,7 @@ class CpuSample:
 
 def cpu_sample(server_pids: set[int]) -> CpuSample:
     me = os.getpid()
-    client = server = pg = 0.0
+    client = server = store = pg = 0.0
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -211,11 +212,13 @@ def cpu_sample(server_pids: set[int]) -> CpuSample:
             client += ticks
         elif pid in server_pids or ppid in server_pids:
             server += ticks + (reaped if pid in server_pids else 0)
+            if not comm.startswith("gunicorn"):  # manage.py store_batches
+                store += ticks + (reaped if pid in server_pids else 0)
         elif comm in ("postgres", "redis-server"):  # the portal's databases: rows, and the rate-limit counters
             pg += ticks + reaped
     with open("/proc/stat") as fh:
         values = [int(v) for v in fh.readline().split()[1:]]
-    return CpuSample(client, server, pg, float(sum(values[:8])), float(values[3] + values[4]))
+    return CpuSample(client, server, store, pg, float(sum(values[:8])), float(values[3] + values[4]))
 
 
 def cpu_shares(a: CpuSample, b: CpuSample) -> dict[str, float]:
@@ -224,6 +227,8 @@ def cpu_shares(a: CpuSample, b: CpuSample) -> dict[str, float]:
               "postgres": b.postgres - a.postgres, "idle": b.idle - a.idle}
     shares = {k: 100.0 * v / total for k, v in shares.items()}
     shares["other"] = max(0.0, 100.0 - sum(shares.values()))
+    shares["store"] = 100.0 * (b.store - a.store) / total  # part of "server"
+    shares["web"] = shares["server"] - shares["store"]
     return shares
 
 
