@@ -106,6 +106,7 @@ def main() -> int:
     texts = {path: (FIXTURES / name).read_text().encode() for path, (_engine, name) in ENDPOINTS.items()}
     received: list[dict] = []
     scrapes = {"n": 0}
+    posts = {"n": 0}
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -131,9 +132,15 @@ def main() -> int:
 
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             doc = json.loads(gzip.decompress(body))
-            received.append(doc)
-            reply = {"seq": doc["seq"], "status": "stored",
-                     "config": {"config_version": 0, "interval_s": 10, "sample_s": 1.0, "targets": []}}
+            config = {"config_version": 0, "interval_s": 10, "sample_s": 1.0, "targets": []}
+            if self.path.endswith("/agent/batches"):  # many intervals a request, each answered (agents 0.3+)
+                received.extend(doc["batches"])
+                posts["n"] += 1
+                reply = {"results": [{"seq": b["seq"], "status": "stored"} for b in doc["batches"]],
+                         "config": config}
+            else:
+                received.append(doc)
+                reply = {"seq": doc["seq"], "status": "stored", "config": config}
             self._send(200, json.dumps(reply).encode(), "application/json")
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -186,7 +193,8 @@ def main() -> int:
     print(f"{'RSS at end (VmRSS), MB':<34}{a_rss / 1024:>12.1f}{b_rss / 1024:>12.1f}{ratio(a_rss, b_rss):>9}")
     print(f"{'CPU, % of one core':<34}{a_cpu:>12.3f}{b_cpu:>12.3f}{'':>9}")
     print(f"{'CPU incl. start-up, s total':<34}{a_total:>12.2f}{b1:>12.2f}{'':>9}")
-    print(f"batches received {len(received)} (GPU records {gpus}, engine records {engines}), scrapes {scrapes['n']}")
+    print(f"batches received {len(received)} in {posts['n']} posts (GPU records {gpus}, engine records {engines}), "
+          f"scrapes {scrapes['n']}")
     ok_rss, ok_cpu = a_hwm / 1024 < 40.0, a_cpu < 0.5
     print(f"goal RSS < 40 MB: {'met' if ok_rss else 'NOT met'}; goal CPU < 0.5% of a core: "
           f"{'met' if ok_cpu else 'NOT met'}")

@@ -38,8 +38,9 @@ def main() -> int:
     logs = var / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     commands = {
+        # Threads (gthread) with keep-alive above the agents' 30 s send period, as deployed (docs/deploy.md).
         "portal": [str(BIN / "gunicorn"), "portal.wsgi", "--bind", f"127.0.0.1:{PORT}", "--workers", "2",
-                   "--threads", "4", "--access-logfile", "-"],
+                   "--threads", "4", "--keep-alive", "75", "--access-logfile", "-"],
         # Two workers: the default queue (rollups, offline detection, alerts; beat embedded) never waits behind
         # the long one (re-attribution, invoices, SLA evaluation, the books, provisioning).
         "worker": [str(BIN / "celery"), "-A", "portal", "worker", "--beat", "--pool", "solo", "--loglevel", "INFO",

@@ -7,6 +7,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from agents.sender import Sender
+from agents.spool import Spool
 from portal.telemetry.models import IngestedBatch
 from portal.telemetry.store import batches_store
 from tests.factories import batch_payload, engine_payload, gpu_payload, gpu_uuid, node_with_credential
@@ -59,3 +61,21 @@ def test_the_rate_limit_counts_across_worker_processes():
     assert len(workers) == 2, "every request reached the same worker; the test proves nothing"
     # Per-process counters would let each worker take five.
     assert codes.count(200) == 5 and codes[:5] == [200] * 5 and set(codes[5:]) == {429}
+
+
+def test_an_agent_posts_on_one_kept_connection_to_threaded_workers(tmp_path):
+    node, credential = node_with_credential()
+    (tmp_path / "credential").write_text(credential)
+    spool = Spool(tmp_path / "spool.sqlite3")
+    uuid = gpu_uuid()
+    with gunicorn_server(workers=1, options=("--threads", "2", "--keep-alive", "75")) as (base, _access):
+        sender = Sender(spool_path=tmp_path / "spool.sqlite3", portal_url=base,
+                        credential_path=tmp_path / "credential", send_period_s=0.0)
+        sockets = []
+        for seq in range(1, 4):
+            spool.append(batch_payload(seq=seq, end=time.time() - 10 * (4 - seq), gpus=[gpu_payload(uuid=uuid)]))
+            assert sender.step(spool) == 0.0, spool.stats()["last_error"]
+            sockets.append(sender._conn.sock)
+        assert sockets[0] is sockets[1] is sockets[2]  # one TCP connection carried the three posts
+    assert sorted(IngestedBatch.objects.filter(node=node).values_list("seq", flat=True)) == [1, 2, 3]
+    assert spool.stats()["spool_depth"] == 0

@@ -69,9 +69,10 @@ def store_worker():
 
 
 @contextmanager
-def gunicorn_server(*, workers: int = 2, env: dict[str, str] | None = None):
-    """Serve the portal with gunicorn (as in production) on a free loopback port against the test database;
-    yields (base URL, access log path). The access log names the worker process of each request."""
+def gunicorn_server(*, workers: int = 2, env: dict[str, str] | None = None, options: tuple[str, ...] = ()):
+    """Serve the portal with gunicorn (as in production; `options` added to its command line) on a free loopback
+    port against the test database; yields (base URL, access log path). The access log names the worker process
+    of each request."""
     import socket
 
     with socket.socket() as probe:
@@ -83,7 +84,8 @@ def gunicorn_server(*, workers: int = 2, env: dict[str, str] | None = None):
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "gunicorn"), "portal.wsgi", "--bind", f"127.0.0.1:{port}",
-             "--workers", str(workers), "--access-logfile", str(access), "--access-logformat", "%(p)s %(s)s %(U)s"],
+             "--workers", str(workers), "--access-logfile", str(access), "--access-logformat", "%(p)s %(s)s %(U)s",
+             *options],
             cwd=settings.BASE_DIR, env=environment, stdout=out, stderr=subprocess.STDOUT,
         )
     try:
