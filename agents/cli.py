@@ -1,4 +1,4 @@
-"""``tokenmill-agent``: enroll | run | once | status.
+"""``tokenmill-agent``: enroll | run | once | requeue | status | selftest.
 
 Imports are lazy: ``status`` never loads NVML or the Prometheus parser, ``run`` loads only what it uses.
 """
@@ -53,7 +53,25 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="credential, spool, quarantine and sender state")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     _global_flags(status, suppress=True)
+    selftest = sub.add_parser("selftest", help="NVML acceptance check of every GPU (exit 0 ok, "
+                                               "1 failed, 2 no NVML); no credential, no portal")
+    selftest.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    selftest.add_argument("--xid-wait-s", type=_xid_wait, default=2.0, metavar="S",
+                          help="how long to wait for critical XID events (default 2.0)")
+    _global_flags(selftest, suppress=True)
     return parser
+
+
+def _xid_wait(text: str) -> float:
+    from agents.selftest import MAX_XID_WAIT_S
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= MAX_XID_WAIT_S:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be 0..{MAX_XID_WAIT_S:g} seconds")
+    return value
 
 
 def _load(args: argparse.Namespace) -> config_mod.Config:
@@ -235,6 +253,17 @@ def cmd_status(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     return 0
 
 
+def cmd_selftest(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    from agents.selftest import format_text, run_selftest
+
+    report, code = run_selftest(cfg, xid_wait_s=args.xid_wait_s)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print("\n".join(format_text(report)))
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -246,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     handlers = {"enroll": cmd_enroll, "run": cmd_run, "once": cmd_once, "requeue": cmd_requeue,
-                "status": cmd_status}
+                "status": cmd_status, "selftest": cmd_selftest}
     return handlers[args.command](args, cfg)
 
 

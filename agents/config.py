@@ -18,6 +18,8 @@ from typing import Any
 DEFAULT_CONFIG_PATH = "/etc/tokenmill/agent.toml"
 ENGINES = ("vllm", "tgi", "triton", "sglang")
 GPU_MODELS = ("H100", "A100")
+# The checks of `tokenmill-agent selftest` (agents/selftest.py); [simulate] selftest_fail names them.
+SELFTEST_CHECKS = ("answers", "xid", "memory", "power", "clocks")
 APPLIED_CONFIG_FILE = "applied_config.json"
 
 
@@ -48,6 +50,10 @@ class SimulateConfig:
     # Generation tokens/s at full load per endpoint URL (the demo seed sets it from the model and the GPUs held);
     # an endpoint not listed draws its own (agents.loadmodel.endpoint_profile).
     capacity: tuple[tuple[str, float], ...] = ()
+    # Faults the simulated GPUs show to `tokenmill-agent selftest` (tests, demos of a failed
+    # burn-in): (GPU index, or None for every GPU; check name), from entries such as "power"
+    # (every GPU) or "1:xid" (GPU 1 only).
+    selftest_fail: tuple[tuple[int | None, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,7 @@ def _simulate(raw: Any) -> SimulateConfig:
     if not isinstance(raw, dict):
         raise ConfigError("[simulate] must be a table")
     unknown = set(raw) - {"gpus", "gpu_model", "mig", "seed", "load", "driver_version", "unbillable", "serving_gpus",
-                          "capacity"}
+                          "capacity", "selftest_fail"}
     if unknown:
         raise ConfigError(f"[simulate]: unknown keys {sorted(unknown)}")
     sim = SimulateConfig(
@@ -111,8 +117,25 @@ def _simulate(raw: Any) -> SimulateConfig:
         unbillable=tuple(str(url) for url in raw.get("unbillable", ())),
         serving_gpus=None if "serving_gpus" not in raw else tuple(int(i) for i in raw["serving_gpus"]),
         capacity=_capacity(raw.get("capacity", {})),
+        selftest_fail=_selftest_fail(raw.get("selftest_fail", [])),
     )
     return _check_sim(sim)
+
+
+def _selftest_fail(raw: Any) -> tuple[tuple[int | None, str], ...]:
+    where = "simulate.selftest_fail"
+    if not isinstance(raw, list) or not all(isinstance(entry, str) for entry in raw):
+        raise ConfigError(f'{where} must be a list of strings such as "power" or "1:xid"')
+    out: list[tuple[int | None, str]] = []
+    for entry in raw:
+        index, _, check = entry.rpartition(":")
+        if check not in SELFTEST_CHECKS:
+            names = ", ".join(SELFTEST_CHECKS)
+            raise ConfigError(f"{where}: {entry!r} names no check (one of {names})")
+        if index and not index.isdigit():
+            raise ConfigError(f"{where}: {entry!r}: the GPU index before ':' must be a number")
+        out.append((int(index) if index else None, check))
+    return tuple(out)
 
 
 def _capacity(raw: Any) -> tuple[tuple[str, float], ...]:
@@ -128,6 +151,8 @@ def _check_sim(sim: SimulateConfig) -> SimulateConfig:
         raise ConfigError(f"simulate.gpu_model must be one of {GPU_MODELS}")
     if not 0.0 <= sim.load <= 1.0:
         raise ConfigError("simulate.load must be within 0..1")
+    if any(index is not None and index >= sim.gpus for index, _check in sim.selftest_fail):
+        raise ConfigError("simulate.selftest_fail names a GPU index the node does not have")
     return sim
 
 

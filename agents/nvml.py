@@ -319,7 +319,7 @@ class NvmlCollector:
     def _summary(self, gpu: _Gpu, now: float) -> dict[str, Any]:
         nv, h = self.nv, gpu.handle
         mem = self._call(gpu, "memory", nv.nvmlDeviceGetMemoryInfo, h)
-        limit = self._call(gpu, "power_limit", nv.nvmlDeviceGetEnforcedPowerManagementLimit, h)
+        limit = self._call(gpu, "power_limit", nv.nvmlDeviceGetEnforcedPowerLimit, h)
         energy = self._call(gpu, "energy", nv.nvmlDeviceGetTotalEnergyConsumption, h)
         sm = self._call(gpu, "clock_sm", nv.nvmlDeviceGetClockInfo, h, getattr(nv, "NVML_CLOCK_SM", 1))
         mclk = self._call(gpu, "clock_mem", nv.nvmlDeviceGetClockInfo, h, getattr(nv, "NVML_CLOCK_MEM", 2))

@@ -225,7 +225,7 @@ class SimNvml:
             used = sum(mig_memory_used_mib(m.mem_mib, g.serving) for m in g.mig)
         return SimpleNamespace(total=total * MIB, used=used * MIB, free=(total - used) * MIB)
 
-    def nvmlDeviceGetEnforcedPowerManagementLimit(self, h):
+    def nvmlDeviceGetEnforcedPowerLimit(self, h):
         return int(self.model.power_limit_w * 1000)
 
     def nvmlDeviceGetTotalEnergyConsumption(self, h):
@@ -280,6 +280,60 @@ class SimNvml:
 
     def nvmlEventSetFree(self, event_set):
         return None
+
+    # ---- what `tokenmill-agent selftest` asks beyond the collector (healthy, as the captures)
+    def nvmlDeviceGetPowerManagementDefaultLimit(self, h):
+        self._gpu(h)
+        return int(self.model.power_limit_w * 1000)
+
+    def nvmlDeviceGetRetiredPagesPendingStatus(self, h):
+        # Ampere and Hopper remap rows instead of retiring pages: nvidia-smi -q prints
+        # "Pending Page Blacklist: N/A"
+        raise self._err(self._pynvml.NVML_ERROR_NOT_SUPPORTED)
+
+
+class SelftestSimNvml(SimNvml):
+    """SimNvml whose GPUs show the faults ``[simulate] selftest_fail`` names, through the NVML calls
+    a real faulty GPU answers differently, so ``tokenmill-agent selftest`` runs its real checks."""
+
+    XID_FELL_OFF_THE_BUS = 79
+    CAPPED_SHARE = 0.8
+
+    def __init__(self, sim: SimulateConfig, hostname: str, serving: bool = False, clock=time.time):
+        super().__init__(sim, hostname, serving=serving, clock=clock)
+        self._faults = {g.index: {check for index, check in sim.selftest_fail
+                                  if index in (None, g.index)}
+                        for g in self._gpus}
+
+    def _faulty(self, h, check: str) -> bool:
+        return isinstance(h, _Gpu) and check in self._faults.get(h.index, ())
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        if "answers" in self._faults.get(index, ()):
+            raise self._err(self._pynvml.NVML_ERROR_GPU_IS_LOST)  # counted, but fell off the bus
+        return super().nvmlDeviceGetHandleByIndex(index)
+
+    def nvmlDeviceRegisterEvents(self, h, types, event_set):
+        if self._faulty(h, "xid"):  # the XID arrives while selftest waits on the event set
+            self._events.append(SimpleNamespace(
+                device=h, eventType=0x8, eventData=self.XID_FELL_OFF_THE_BUS, gpuInstanceId=0xFFFFFFFF,
+                computeInstanceId=0xFFFFFFFF, timeStamp=int(self.clock() * 1e6)))
+        return super().nvmlDeviceRegisterEvents(h, types, event_set)
+
+    def nvmlDeviceGetRemappedRows(self, h):
+        if self._faulty(h, "memory"):
+            return (0, 1, 0, 1)  # an uncorrectable error whose row could not be remapped
+        return super().nvmlDeviceGetRemappedRows(h)
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, h):
+        if self._faulty(h, "power"):
+            return int(self.model.power_limit_w * self.CAPPED_SHARE * 1000)
+        return super().nvmlDeviceGetEnforcedPowerLimit(h)
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, h):
+        if self._faulty(h, "clocks"):
+            return super().nvmlDeviceGetCurrentClocksEventReasons(h) | 0x8  # HW slowdown
+        return super().nvmlDeviceGetCurrentClocksEventReasons(h)
 
 
 # ------------------------------------------------------------------------------------------------ engines

@@ -59,7 +59,7 @@ class ZeroCostNvml:
     def nvmlDeviceGetTemperature(self, h, s): return 55
     def nvmlDeviceGetCurrentClocksEventReasons(self, h): return 0
     def nvmlDeviceGetMemoryInfo(self, h): return self._mem
-    def nvmlDeviceGetEnforcedPowerManagementLimit(self, h): return 700_000
+    def nvmlDeviceGetEnforcedPowerLimit(self, h): return 700_000
 
     def nvmlDeviceGetTotalEnergyConsumption(self, h):
         self._energy += 4_500_000

@@ -39,6 +39,10 @@ class FakeGpu:
         self.mig = kw.get("mig", [])  # list of (gi, profile, mem_mib)
         self.mig_names = kw.get("mig_names", True)  # False: MIG device names without the profile (older drivers)
         self.calls = 0
+        # what `tokenmill-agent selftest` reads beyond the collector (SelftestNvml)
+        self.enforced_limit_mw = kw.get("enforced_limit_mw", 700_000)
+        self.default_limit_mw = kw.get("default_limit_mw", 700_000)
+        self.retired_pending = kw.get("retired_pending", 0)
 
 
 class FakeNvml:
@@ -122,7 +126,7 @@ class FakeNvml:
         g = self._check(h, "memory")
         return SimpleNamespace(total=g.mem_total, used=g.mem_used)
 
-    def nvmlDeviceGetEnforcedPowerManagementLimit(self, h):
+    def nvmlDeviceGetEnforcedPowerLimit(self, h):
         return 700_000
 
     def nvmlDeviceGetTotalEnergyConsumption(self, h):
@@ -180,6 +184,45 @@ class FakeNvml:
 
     def nvmlEventSetFree(self, es):
         pass
+
+
+class SelftestNvml(FakeNvml):
+    """FakeNvml plus what ``tokenmill-agent selftest`` asks: power limits, pending retired pages and
+    an event wait that takes a timeout (recorded in ``waits``; nothing sleeps). "events" in a GPU's
+    unsupported set makes its XID registration NotSupported; ``init_error`` makes nvmlInit raise."""
+
+    def __init__(self, gpus, init_error=None):
+        super().__init__(gpus)
+        self.init_error = init_error
+        self.waits = []
+        self.shutdowns = 0
+
+    def nvmlInit(self):
+        if self.init_error is not None:
+            raise self.init_error
+        super().nvmlInit()
+
+    def nvmlShutdown(self):
+        self.shutdowns += 1
+
+    def nvmlDeviceRegisterEvents(self, h, types, es):
+        self._check(h, "events")
+        super().nvmlDeviceRegisterEvents(h, types, es)
+
+    def nvmlEventSetWait_v2(self, es, timeout_ms):
+        self.waits.append(timeout_ms)
+        if not self.events:
+            raise err(pynvml.NVMLError_Timeout)
+        return self.events.pop(0)
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, h):
+        return self._check(h, "power_limit").enforced_limit_mw
+
+    def nvmlDeviceGetPowerManagementDefaultLimit(self, h):
+        return self._check(h, "power_limit").default_limit_mw
+
+    def nvmlDeviceGetRetiredPagesPendingStatus(self, h):
+        return self._check(h, "retired").retired_pending
 
 
 class ZeroCostNvml(FakeNvml):
