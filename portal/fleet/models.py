@@ -40,12 +40,28 @@ class NodeStatus(models.TextChoices):
     DECOMMISSIONED = "decommissioned", "Decommissioned"
 
 
+class NodeLifecycle(models.TextChoices):
+    """Where a node stands between the bring-up plan and retirement; only a sellable node's units are placed."""
+
+    PLANNED = "planned", "Planned"
+    PROVISIONING = "provisioning", "Provisioning"
+    BURN_IN = "burn_in", "Burn-in"
+    SELLABLE = "sellable", "Sellable"
+    CORDONED = "cordoned", "Cordoned"
+    RETIRED = "retired", "Retired"
+
+
 class Node(models.Model):
-    """One GPU server. Its identity is the credential its agent enrolled with."""
+    """One GPU server. Its identity is the credential its agent enrolled with (a planned node has none yet)."""
 
     site = models.ForeignKey(Site, on_delete=models.PROTECT, related_name="nodes")
     hostname = models.CharField(max_length=253)
     status = models.CharField(max_length=16, choices=NodeStatus.choices, default=NodeStatus.PENDING)
+    # A node enrolled outside a bring-up plan is sellable at once, as before lifecycles existed; a planned node
+    # becomes sellable only when its acceptance test passes (fleet.services.node_lifecycle_set).
+    lifecycle = models.CharField(max_length=16, choices=NodeLifecycle.choices, default=NodeLifecycle.SELLABLE)
+    planned_gpu_model = models.CharField(max_length=128, blank=True, help_text="GPU model the plan expects")
+    planned_gpus = models.PositiveSmallIntegerField(null=True, blank=True, help_text="GPUs the plan expects")
     created_at = models.DateTimeField(auto_now_add=True)
     # Inventory: the node is on the books from installed_at until it is decommissioned (retired_at); its GPUs'
     # hours count only inside both their own period and the node's (fleet.selectors.gpu_presence).
@@ -214,6 +230,19 @@ class NodeStatusChange(models.Model):
     class Meta:
         ordering = ["-at"]
         indexes = [models.Index(fields=["node", "-at"])]
+
+
+class NodeLifecycleChange(models.Model):
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="lifecycle_changes")
+    lifecycle = models.CharField(max_length=16, choices=NodeLifecycle.choices)
+    at = models.DateTimeField()
+    reason = models.CharField(max_length=300, blank=True)
+    by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True,
+                           related_name="+")
+
+    class Meta:
+        ordering = ["at", "pk"]
+        indexes = [models.Index(fields=["node", "at"])]
 
 
 class HealthEventKind(models.TextChoices):

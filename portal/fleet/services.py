@@ -15,6 +15,8 @@ from portal.fleet.models import (
     HealthEventKind,
     Node,
     NodeCredential,
+    NodeLifecycle,
+    NodeLifecycleChange,
     NodeStatus,
     NodeStatusChange,
     ScrapeTarget,
@@ -76,6 +78,12 @@ def node_enroll(*, token_value: str, host: dict, now: datetime | None = None) ->
         if node.status == NodeStatus.DECOMMISSIONED:
             # Retired for the books: its past cost stays where it was. The machine comes back as a new node.
             raise EnrollmentError(f"{node.hostname} was decommissioned; enroll the machine under a new hostname")
+        if not created and not NodeCredential.objects.filter(node=node).exists():
+            # A node planned (or put in provisioning) before it ever enrolled: on the books from now.
+            node.installed_at = now
+        if node.lifecycle in (NodeLifecycle.PLANNED, NodeLifecycle.PROVISIONING):
+            node_lifecycle_set(node=node, lifecycle=NodeLifecycle.BURN_IN, at=now,
+                               reason="enrolled: the acceptance test decides when it is sellable")
         _apply_host_facts(node, host)
         if not created:
             NodeCredential.objects.filter(node=node, revoked_at__isnull=True).update(revoked_at=now)
@@ -156,6 +164,7 @@ def node_mark_status(*, node: Node, status: str, at: datetime, reason: str) -> N
     node.status = status
     if status == NodeStatus.DECOMMISSIONED:
         node_retire(node=node, at=at)
+        node_lifecycle_set(node=node, lifecycle=NodeLifecycle.RETIRED, at=at, reason=reason)
     NodeStatusChange.objects.create(node=node, status=status, at=at, reason=reason)
     key = f"node_offline:{node.pk}"
     if status == NodeStatus.OFFLINE:
@@ -166,6 +175,35 @@ def node_mark_status(*, node: Node, status: str, at: datetime, reason: str) -> N
         )
     elif status == NodeStatus.ONLINE and alert_resolve_key(key=key):
         HealthEvent.objects.create(node=node, kind=HealthEventKind.NODE_ONLINE, at=at, detail=reason)
+
+
+def node_lifecycle_set(*, node: Node, lifecycle: str, at: datetime, reason: str,
+                       by: User | None = None) -> bool:
+    """Move a node to another stage of its life, with the dated change its bring-up timeline shows. False (and
+    nothing written) when it is already there."""
+    if not Node.objects.filter(pk=node.pk).exclude(lifecycle=lifecycle).update(lifecycle=lifecycle):
+        return False
+    node.lifecycle = lifecycle
+    NodeLifecycleChange.objects.create(node=node, lifecycle=lifecycle, at=at, reason=reason[:300], by=by)
+    return True
+
+
+def nodes_plan(*, site: Site, hostnames: list[str], gpu_model: str, gpus: int, at: datetime,
+               by: User | None) -> list[Node]:
+    """Put named nodes of a bring-up plan on the site: no credential, no GPUs and nothing on the books until
+    they enroll. A hostname the site already has is refused (its node has a life of its own)."""
+    taken = set(Node.objects.filter(site=site, hostname__in=hostnames).values_list("hostname", flat=True))
+    if taken:
+        raise ValueError(f"{site} already has {', '.join(sorted(taken))}")
+    nodes = []
+    with transaction.atomic():
+        for hostname in hostnames:
+            node = Node.objects.create(site=site, hostname=hostname, lifecycle=NodeLifecycle.PLANNED,
+                                       planned_gpu_model=gpu_model, planned_gpus=gpus, installed_at=at)
+            NodeLifecycleChange.objects.create(node=node, lifecycle=NodeLifecycle.PLANNED, at=at,
+                                               reason=f"planned: {gpus} x {gpu_model}", by=by)
+            nodes.append(node)
+    return nodes
 
 
 def node_retire(*, node: Node, at: datetime) -> None:
