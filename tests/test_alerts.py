@@ -16,6 +16,7 @@ from portal.alerts.tasks import MAX_RETRIES, deliver_alert
 from portal.celery import app as celery_app
 from portal.fleet.models import NodeStatus
 from portal.fleet.services import node_mark_status
+from portal.health.catalog import CATALOG
 from tests.conftest import bad_parameters
 from tests.factories import (
     PASSWORD,
@@ -68,7 +69,7 @@ class TestAlertList:
         raise_alert(key=f"xid:79:{gpu.pk}", node=node, gpu=gpu, at=T0 + timedelta(minutes=3))
         html = admin_client.get("/alerts/").content.decode()
         assert "XID 79: GPU has fallen off the bus" in html
-        assert "Hardware or power problem: the GPU is unusable until the node is fixed." in html
+        assert f"GPU has fallen off the bus. {CATALOG[79].note}" in html
         assert f'href="/fleet/nodes/{node.pk}/">iad1-h100-03</a>' in html
         assert "GPU 5</a>" in html
         assert '<td class="num">2</td>' in html

@@ -21,24 +21,38 @@ class MigChoiceField(forms.ModelChoiceField):
 IN_SERVICE = Gpu.objects.exclude(node__status=NodeStatus.DECOMMISSIONED).filter(retired_at__isnull=True)
 
 
-class AllocationForm(forms.Form):
-    tenant = forms.ModelChoiceField(queryset=Tenant.objects.filter(status=TenantStatus.ACTIVE).order_by("name"))
+class UnitForm(forms.Form):
+    """A unit in service: a whole GPU, or one MIG instance of it."""
+
     gpu = GpuChoiceField(queryset=IN_SERVICE.select_related("node").order_by("node__hostname", "index"), label="GPU")
     mig_instance = MigChoiceField(
         queryset=MigInstance.objects.filter(gpu__in=IN_SERVICE).select_related("gpu__node")
         .order_by("gpu__node__hostname", "gpu__index", "gi_id"),
         required=False, label="MIG instance (blank: the whole GPU)")
-    starts_at = MomentField(initial=timezone.now, label="From (UTC)")
-    ends_at = MomentField(required=False, label="Until (UTC, blank: open-ended)")
 
     def clean(self):
         data = super().clean()
         mig, gpu = data.get("mig_instance"), data.get("gpu")
         if mig and gpu and mig.gpu_id != gpu.pk:
             self.add_error("mig_instance", "This MIG instance is not on the chosen GPU.")
+        return data
+
+
+class AllocationForm(UnitForm):
+    tenant = forms.ModelChoiceField(queryset=Tenant.objects.filter(status=TenantStatus.ACTIVE).order_by("name"))
+    starts_at = MomentField(initial=timezone.now, label="From (UTC)")
+    ends_at = MomentField(required=False, label="Until (UTC, blank: open-ended)")
+    field_order = ["tenant", "gpu", "mig_instance", "starts_at", "ends_at"]
+
+    def clean(self):
+        data = super().clean()
         if data.get("ends_at") and data.get("starts_at") and data["ends_at"] <= data["starts_at"]:
             self.add_error("ends_at", "Must be after the start.")
         return data
+
+
+class MoveForm(UnitForm):
+    """The replacement unit a tenant's allocation moves to."""
 
 
 class DeclineForm(forms.Form):

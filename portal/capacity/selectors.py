@@ -1,7 +1,7 @@
 """Reads for capacity and tenant usage. Every tenant-facing read goes through tenant-scoped functions here or in
 portal/tenants/selectors.py, keyed by the tenant the request resolved (never by an id from the URL alone)."""
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -10,7 +10,9 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from portal.capacity.models import WHOLE_GPU_SLOTS, Allocation, CapacityRequest, Deployment, unit_share
-from portal.fleet.models import Gpu, MigInstance, Node, NodeStatus, ServingEndpoint
+from portal.fleet.models import Gpu, MigInstance, Node, NodeLifecycle, NodeStatus, ServingEndpoint
+from portal.health.models import Cordon
+from portal.health.selectors import Cordoned, cordoned, open_cordons
 from portal.hours import day_floor, hour_ceil, hour_floor
 from portal.telemetry.models import UsageHour, UsageMinute
 from portal.tenants.models import Tenant
@@ -195,15 +197,18 @@ class Proposal:
 
 def placement_propose(*, gpu_type: str, count: int, mig_profile: str = "", starts_at: datetime,
                       ends_at: datetime | None = None) -> list[Proposal]:
-    """Free units matching the request, preferring nodes that are already partly allocated (fill them before
-    opening empty ones), then the fullest first. Fewer than `count` when the fleet cannot serve it."""
+    """Free units matching the request on sellable nodes, none of them cordoned, preferring nodes that are already
+    partly allocated (fill them before opening empty ones), then the fullest first. Fewer than `count` when the
+    fleet cannot serve it."""
     busy = Allocation.objects.filter(starts_at__lt=ends_at or datetime.max.replace(tzinfo=starts_at.tzinfo)).filter(
         Q(ends_at__isnull=True) | Q(ends_at__gt=starts_at))
     taken: dict[int, list[tuple[int, int]]] = defaultdict(list)
     for gpu_id, lo, hi in busy.values_list("gpu_id", "slot_lo", "slot_hi"):
         taken[gpu_id].append((lo, hi))
-    gpus = list(Gpu.objects.filter(name=gpu_type, node__status=NodeStatus.ONLINE).select_related("node")
-                .prefetch_related("mig_instances").order_by("node__hostname", "index"))
+    gpus = list(Gpu.objects.filter(name=gpu_type, node__status=NodeStatus.ONLINE,
+                                   node__lifecycle=NodeLifecycle.SELLABLE, retired_at__isnull=True)
+                .select_related("node").prefetch_related("mig_instances").order_by("node__hostname", "index"))
+    out = cordoned(node_ids=list({g.node_id for g in gpus}))
     used_per_node: dict[int, int] = defaultdict(int)
     for gpu in gpus:
         if taken.get(gpu.pk):
@@ -216,12 +221,49 @@ def placement_propose(*, gpu_type: str, count: int, mig_profile: str = "", start
     for gpu in gpus:
         if mig_profile:
             candidates += [Proposal(gpu, m) for m in gpu.mig_instances.all()
-                           if m.profile == mig_profile and free(gpu, m.gi_id, m.gi_id + 1)]
-        elif not gpu.mig_mode and free(gpu, *WHOLE_GPU_SLOTS):
+                           if m.profile == mig_profile and free(gpu, m.gi_id, m.gi_id + 1)
+                           and not out.blocks(node_id=gpu.node_id, gpu_id=gpu.pk, mig_id=m.pk)]
+        elif not gpu.mig_mode and free(gpu, *WHOLE_GPU_SLOTS) and not out.blocks_gpu_anywhere(
+                node_id=gpu.node_id, gpu_id=gpu.pk, mig_ids=[m.pk for m in gpu.mig_instances.all()]):
             candidates.append(Proposal(gpu, None))
     candidates.sort(key=lambda p: (used_per_node[p.gpu.node_id] == 0, -used_per_node[p.gpu.node_id],
                                    p.gpu.node.hostname, p.gpu.index))
     return candidates[:count]
+
+
+@dataclass(frozen=True)
+class Replacement:
+    allocation: Allocation
+    cordon: Cordon
+    proposal: Proposal | None  # None: no free, sellable unit of that kind
+
+
+def replacements_propose(*, now: datetime | None = None) -> list[Replacement]:
+    """Each current allocation on a cordoned unit, with the free unit placement offers its tenant instead (each
+    free unit offered once)."""
+    now = now or timezone.now()
+    hit: list[tuple[Allocation, Cordon]] = []
+    for cordon in open_cordons():
+        held = allocations_at(at=now).select_related("tenant", "gpu", "gpu__node", "mig_instance")
+        if cordon.mig_instance_id:
+            held = held.filter(gpu_id=cordon.gpu_id).filter(
+                Q(mig_instance_id=cordon.mig_instance_id) | Q(mig_instance__isnull=True))
+        elif cordon.gpu_id:
+            held = held.filter(gpu_id=cordon.gpu_id)
+        else:
+            held = held.filter(gpu__node_id=cordon.node_id)
+        hit += [(a, cordon) for a in held]
+    def kind(a: Allocation) -> tuple[str, str]:
+        return a.gpu.name, a.mig_instance.profile if a.mig_instance_id else ""
+
+    needed = Counter(kind(a) for a, _ in hit)
+    offers = {k: placement_propose(gpu_type=k[0], mig_profile=k[1], count=n, starts_at=now)
+              for k, n in needed.items()}
+    found = []
+    for a, cordon in hit:
+        free = offers[kind(a)]
+        found.append(Replacement(allocation=a, cordon=cordon, proposal=free.pop(0) if free else None))
+    return found
 
 
 def tenant_gpus_held(*, tenant: Tenant, at: datetime | None = None) -> float:
@@ -292,6 +334,7 @@ class Unit:
     gpu: Gpu
     mig: MigInstance | None
     holder: Allocation | None  # the allocation holding it now
+    out_of_sale: str = ""  # why it cannot be allocated now: its node's stage, or a cordon
 
     @property
     def label(self) -> str:
@@ -336,6 +379,14 @@ def capacity_units(*, now: datetime, site_id: int | None = None, hostname: str =
     return nodes.distinct()
 
 
+def _out_of_sale(gpu: Gpu, mig: MigInstance | None, out: Cordoned) -> str:
+    if out.blocks(node_id=gpu.node_id, gpu_id=gpu.pk, mig_id=mig.pk if mig else None):
+        return "cordoned"
+    if gpu.node.lifecycle != NodeLifecycle.SELLABLE:
+        return gpu.node.get_lifecycle_display().lower()
+    return ""
+
+
 def units_of(*, nodes: list[Node], now: datetime, gpu_name: str = "", tenant_id: int | None = None,
              state: str = "") -> list[NodeUnits]:
     """Each node's units (whole GPUs, or the MIG instances of a GPU in MIG mode) with who holds them now, in three
@@ -344,6 +395,7 @@ def units_of(*, nodes: list[Node], now: datetime, gpu_name: str = "", tenant_id:
                .select_related("tenant")}
     gpus = (Gpu.objects.filter(node__in=nodes, retired_at__isnull=True).select_related("node")
             .prefetch_related("mig_instances").order_by("index"))
+    out = cordoned(node_ids=[n.pk for n in nodes])
     by_node: dict[int, list[Unit]] = defaultdict(list)
     for gpu in gpus:
         if gpu_name and gpu.name != gpu_name:
@@ -355,5 +407,6 @@ def units_of(*, nodes: list[Node], now: datetime, gpu_name: str = "", tenant_id:
                 continue
             if tenant_id and (holder is None or holder.tenant_id != tenant_id):
                 continue
-            by_node[gpu.node_id].append(Unit(gpu=gpu, mig=mig, holder=holder))
+            by_node[gpu.node_id].append(Unit(gpu=gpu, mig=mig, holder=holder,
+                                             out_of_sale=_out_of_sale(gpu, mig, out)))
     return [NodeUnits(node=n, units=by_node.get(n.pk, [])) for n in nodes]

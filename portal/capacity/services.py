@@ -16,8 +16,9 @@ from portal.capacity.models import (
 )
 from portal.capacity.selectors import deployments_unbillable, tenant_gpus_held, tenant_usage_last_minute
 from portal.economics.reattribution import reattribution_request
-from portal.fleet.models import Gpu, MigInstance, Node, ScrapeTarget
+from portal.fleet.models import Gpu, MigInstance, Node, NodeLifecycle, ScrapeTarget
 from portal.fleet.services import node_set_scrape_targets
+from portal.health.selectors import cordoned
 from portal.tenants.models import Tenant, TenantStatus
 
 
@@ -38,6 +39,7 @@ def allocation_create(
     if mig_instance is not None and mig_instance.gpu_id != gpu.pk:
         raise CapacityError("That MIG instance is not on the chosen GPU.")
     _check_on_books(gpu, starts_at, ends_at)
+    _check_sellable(gpu, mig_instance, ends_at)
     slots = (mig_instance.gi_id, mig_instance.gi_id + 1) if mig_instance else WHOLE_GPU_SLOTS
     unit = f"MIG {mig_instance.profile} (GI {mig_instance.gi_id})" if mig_instance else "the whole GPU"
     try:
@@ -58,6 +60,21 @@ def allocation_create(
         ) from None
     _reattribute_past(starts_at, ends_at)
     return allocation
+
+
+def _check_sellable(gpu: Gpu, mig_instance: MigInstance | None, ends_at: datetime | None) -> None:
+    """An allocation that holds a unit from now on goes only to a sellable node's units that are not cordoned;
+    recording one wholly in the past corrects the books and is not judged by today's state."""
+    if ends_at is not None and ends_at <= timezone.now():
+        return
+    node = gpu.node
+    if node.lifecycle != NodeLifecycle.SELLABLE:
+        raise CapacityError(f"{node} is {node.get_lifecycle_display().lower()}, not sellable: its units cannot be "
+                            "allocated until it passes its acceptance test.")
+    out = cordoned(node_ids=[node.pk])
+    mig_ids = [mig_instance.pk] if mig_instance else list(gpu.mig_instances.values_list("pk", flat=True))
+    if out.blocks_gpu_anywhere(node_id=node.pk, gpu_id=gpu.pk, mig_ids=mig_ids):
+        raise CapacityError(f"GPU {gpu.index} on {node} is cordoned by a health incident: choose another unit.")
 
 
 def _check_on_books(gpu: Gpu, starts_at: datetime, ends_at: datetime | None) -> None:
@@ -90,6 +107,17 @@ def allocation_end(*, allocation: Allocation, at: datetime | None = None) -> All
     allocation.save(update_fields=["ends_at"])
     _reattribute_past(at, None)
     return allocation
+
+
+def allocation_move(*, allocation: Allocation, gpu: Gpu, mig_instance: MigInstance | None, by: User | None,
+                    at: datetime | None = None) -> Allocation:
+    """Hand a tenant a replacement unit: the allocation ends at `at` and a new one on the other unit starts
+    then, in one transaction, so the tenant holds exactly one of the two at every instant."""
+    at = at or timezone.now()
+    with transaction.atomic():
+        allocation_end(allocation=allocation, at=at)
+        return allocation_create(tenant=allocation.tenant, gpu=gpu, mig_instance=mig_instance, starts_at=at,
+                                 by=by, request=allocation.request)
 
 
 def allocations_release_node(*, node: Node, at: datetime | None = None) -> int:

@@ -10,7 +10,7 @@ from django.views.decorators.http import require_POST
 
 from portal.accounts.access import operator_admin_required, operator_required
 from portal.audit.services import audit_record
-from portal.capacity.forms import AllocationForm, CapacityFilterForm, DeclineForm, DeploymentForm
+from portal.capacity.forms import AllocationForm, CapacityFilterForm, DeclineForm, DeploymentForm, MoveForm
 from portal.capacity.models import Allocation, CapacityRequest, Deployment, RequestStatus
 from portal.capacity.selectors import (
     allocation_summary,
@@ -19,12 +19,14 @@ from portal.capacity.selectors import (
     capacity_units,
     deployments_unbillable,
     placement_propose,
+    replacements_propose,
     units_of,
 )
 from portal.capacity.services import (
     CapacityError,
     allocation_create,
     allocation_end,
+    allocation_move,
     capacity_request_decline,
     capacity_request_fulfil,
     deployment_create,
@@ -58,7 +60,7 @@ def _overview(request: HttpRequest, *, form: AllocationForm | None = None, statu
         "sites": Site.objects.order_by("name"), "gpu_models": gpu_models(),
         "upcoming": Allocation.objects.filter(starts_at__gt=now).select_related("tenant", "gpu__node",
                                                                                   "mig_instance"),
-        "form": form or AllocationForm(), "now": now,
+        "form": form or AllocationForm(), "now": now, "replacements": replacements_propose(now=now),
     }, status=status)
 
 
@@ -82,6 +84,27 @@ def allocation_new(request: HttpRequest) -> HttpResponse:
             audit_record(actor=request.user, action="allocation.create", target=allocation, tenant=data["tenant"])
             messages.success(request, f"Allocated: {allocation_summary(allocation)}.")
             return redirect(next_url(request, "capacity:overview"))
+    return _overview(request, form=form, status=400)
+
+
+@operator_admin_required
+@require_POST
+def allocation_replace(request: HttpRequest, allocation_id: int) -> HttpResponse:
+    """Move a tenant off a cordoned unit onto the replacement the page proposed."""
+    allocation = get_object_or_404(Allocation.objects.select_related("tenant", "gpu__node", "mig_instance"),
+                                   pk=allocation_id)
+    form = MoveForm(request.POST)
+    if form.is_valid():
+        try:
+            moved = allocation_move(allocation=allocation, gpu=form.cleaned_data["gpu"],
+                                    mig_instance=form.cleaned_data["mig_instance"], by=request.user)
+        except CapacityError as exc:
+            form.add_error(None, str(exc))
+        else:
+            audit_record(actor=request.user, action="allocation.move", target=moved, tenant=allocation.tenant,
+                         before={"allocation": allocation.pk}, after={"allocation": moved.pk})
+            messages.success(request, f"Moved: {allocation_summary(moved)}.")
+            return redirect("capacity:overview")
     return _overview(request, form=form, status=400)
 
 

@@ -100,6 +100,10 @@ class SlaEvaluation(models.Model):
     value = models.FloatField(null=True, help_text="Null when the window saw no traffic (or no probes)")
     compliant = models.BooleanField(null=True)
     samples = models.BigIntegerField(default=0, help_text="Requests (latency, errors) or probes (availability)")
+    # A health incident on a unit the tenant held during the window (sla.services.sla_windows_mark): the window
+    # is still counted, and shown with its cause.
+    incident = models.ForeignKey("health.Incident", on_delete=models.SET_NULL, null=True, blank=True,
+                                 related_name="+")
     evaluated_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

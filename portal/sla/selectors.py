@@ -147,6 +147,12 @@ class Compliance:
     breaches: list[SlaBreach]
 
     @property
+    def marked(self) -> list[SlaEvaluation]:
+        """Windows of the period a health incident touched on a unit the tenant held, newest first."""
+        rows = [e for evaluations in self.series.values() for e in evaluations if e.incident_id]
+        return sorted(rows, key=lambda e: (e.window_end, e.sli), reverse=True)
+
+    @property
     def open_breaches(self) -> int:
         return sum(1 for b in self.breaches if b.ended_at is None)
 
@@ -156,7 +162,7 @@ def tenant_compliance(*, tenant: Tenant, since: datetime, until: datetime | None
     evaluations per SLI for the charts, and its breaches that overlap the period."""
     policy = policy_for_tenant(tenant=tenant)
     objectives = list(policy.objectives.all()) if policy else []
-    evaluations = SlaEvaluation.objects.filter(tenant=tenant, window_end__gte=since)
+    evaluations = SlaEvaluation.objects.filter(tenant=tenant, window_end__gte=since).select_related("incident")
     if until is not None:
         evaluations = evaluations.filter(window_end__lte=until)
     series: dict[str, list[SlaEvaluation]] = defaultdict(list)

@@ -4,12 +4,15 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from django.db import IntegrityError, transaction
+from django.db.models import Max
 from django.utils import timezone
 
 from portal.accounts.models import User
 from portal.alerts.models import Severity
 from portal.alerts.services import alert_raise, alert_resolve_key
 from portal.audit.services import audit_record, snapshot
+from portal.health.models import Incident
+from portal.health.selectors import incidents_affecting
 from portal.sla.models import (
     HIGHER_IS_BETTER,
     SLI_UNITS,
@@ -48,19 +51,50 @@ def sla_evaluate_tenant(*, tenant: Tenant, window_end: datetime, now: datetime |
         readings[window] = sli_readings(tenant=tenant, start=window_end - timedelta(seconds=window), end=window_end,
                                         now=now, slis={o.sli for o in objectives if o.window == window})
     written = []
+    longest = max((o.window for o in objectives), default=0)
+    affecting = incidents_affecting(tenant=tenant, start=window_end - timedelta(seconds=longest),
+                                    end=window_end) if objectives else []
     for objective in objectives:
         reading = readings[objective.window][objective.sli]
         compliant = None if reading.value is None else sli_met(objective.sli, reading.value, objective.target)
+        incident = _first_overlapping(affecting, window_end - timedelta(seconds=objective.window), window_end)
         try:
             with transaction.atomic():
                 evaluation = SlaEvaluation.objects.create(
                     tenant=tenant, sli=objective.sli, window_end=window_end, window_seconds=objective.window,
-                    target=objective.target, value=reading.value, compliant=compliant, samples=reading.samples)
+                    target=objective.target, value=reading.value, compliant=compliant, samples=reading.samples,
+                    incident=incident)
                 _track_breach(tenant=tenant, objective=objective, evaluation=evaluation)
         except IntegrityError:
             continue  # another worker evaluated the same window first
         written.append(evaluation)
     return written
+
+
+def _first_overlapping(incidents: list[Incident], start: datetime, end: datetime) -> Incident | None:
+    now = timezone.now()
+    return next((i for i in incidents if i.opened_at < end and (i.closed_at or now) > start), None)
+
+
+def sla_windows_mark(*, tenant: Tenant, start: datetime, end: datetime) -> int:
+    """Mark the tenant's windows already evaluated that overlap [start, end) with the first health incident on a
+    unit it held meanwhile (an incident reported late, or still open). Returns the windows whose mark changed."""
+    longest = SlaEvaluation.objects.filter(tenant=tenant).aggregate(w=Max("window_seconds"))["w"] or 0
+    rows = list(SlaEvaluation.objects.filter(tenant=tenant, window_end__gt=start,
+                                             window_end__lt=end + timedelta(seconds=longest)))
+    if not rows:
+        return 0
+    affecting = incidents_affecting(tenant=tenant, start=start - timedelta(seconds=longest),
+                                    end=end + timedelta(seconds=longest))
+    changed = []
+    for row in rows:
+        incident = _first_overlapping(affecting, row.window_end - timedelta(seconds=row.window_seconds),
+                                      row.window_end)
+        if incident is not None and row.incident_id != incident.pk:
+            row.incident = incident
+            changed.append(row)
+    SlaEvaluation.objects.bulk_update(changed, ["incident"])
+    return len(changed)
 
 
 def _track_breach(*, tenant: Tenant, objective: SlaObjective, evaluation: SlaEvaluation) -> None:

@@ -17,6 +17,7 @@ from portal.alerts.models import Severity
 from portal.alerts.services import alert_raise, alert_resolve_key
 from portal.fleet.models import Gpu, HealthEvent, HealthEventKind, MigInstance, Node, NodeStatus, ServingEndpoint
 from portal.fleet.services import _apply_host_facts, node_mark_status
+from portal.health.pipeline import health_apply
 from portal.telemetry.bulk import insert_rows, update_rows
 from portal.telemetry.models import GpuSample, IngestedBatch, UsageSample
 from portal.telemetry.schemas import HISTOGRAMS, BatchIn, EngineIn, GpuIn, MigInstanceIn
@@ -281,9 +282,15 @@ def _store_events(taken: list[_Taken], gpu_ids: dict[tuple[int, str], int]) -> N
         )
         for t in taken for e in t.batch.events
     ]
-    if not events:
-        return
+    if events:
+        health_events_record(events=events)
+
+
+def health_events_record(*, events: list[HealthEvent]) -> None:
+    """Store health events as a batch brings them: the health policy acts on them (incidents, cordons, tenant
+    notices, SLA marks), and those an operator must see open or repeat their alert."""
     HealthEvent.objects.bulk_create(events)
+    health_apply(events=events)
     for event in events:
         if event.kind == HealthEventKind.XID:
             alert = xid_alert(event.code)

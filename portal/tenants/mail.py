@@ -4,8 +4,10 @@ from django.conf import settings
 from django.core.mail import send_mail
 from django.template.loader import render_to_string
 from django.urls import reverse
+from django.utils import timezone
 
 from portal.accounts.models import User
+from portal.health.models import TenantNotice
 from portal.tenants.models import Invitation, MemberRole, Tenant
 from portal.tenants.tokens import invitation_token, verification_token
 
@@ -15,7 +17,7 @@ STATUS_SUBJECTS = {
     "suspend": "{tenant} is suspended on Tokenmill",
     "reactivate": "{tenant} is active again on Tokenmill",
 }
-KINDS = ("verify", "signup_existing", "invitation", *STATUS_SUBJECTS)
+KINDS = ("verify", "signup_existing", "invitation", "notice", *STATUS_SUBJECTS)
 
 
 def _absolute(base_url: str, path: str) -> str:
@@ -57,6 +59,18 @@ def mail_status(*, tenant: Tenant, kind: str, base_url: str) -> int:
     return _send(STATUS_SUBJECTS[kind].format(tenant=tenant), kind, context, [u.email for u in admins])
 
 
+def mail_notice(*, notice: TenantNotice, base_url: str) -> int:
+    """A health incident on a unit the tenant holds, to its admins; the notice is marked mailed."""
+    tenant = notice.tenant
+    admins = User.objects.filter(memberships__tenant=tenant, memberships__role=MemberRole.ADMIN).order_by("pk")
+    sent = _send(f"{notice.title} ({tenant})", "notice", {
+        "notice": notice, "tenant": tenant,
+        "portal": _absolute(base_url, reverse("tenants:overview", args=[tenant.slug])),
+    }, [u.email for u in admins])
+    TenantNotice.objects.filter(pk=notice.pk).update(mailed_at=timezone.now())
+    return sent
+
+
 def mail_send(*, kind: str, object_id: int, base_url: str) -> int:
     """Send one tenant mail; the number of messages sent (0 when its object is gone)."""
     if kind == "verify":
@@ -68,6 +82,9 @@ def mail_send(*, kind: str, object_id: int, base_url: str) -> int:
     if kind == "invitation":
         invitation = Invitation.objects.select_related("tenant", "invited_by").filter(pk=object_id).first()
         return mail_invitation(invitation=invitation, base_url=base_url) if invitation and invitation.is_open else 0
+    if kind == "notice":
+        notice = TenantNotice.objects.select_related("tenant", "incident").filter(pk=object_id).first()
+        return mail_notice(notice=notice, base_url=base_url) if notice and notice.mailed_at is None else 0
     if kind in STATUS_SUBJECTS:
         tenant = Tenant.objects.select_related("plan").filter(pk=object_id).first()
         return mail_status(tenant=tenant, kind=kind, base_url=base_url) if tenant else 0

@@ -10,6 +10,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from portal.accounts.access import authenticated
+from portal.health.selectors import notices_for_tenant
 from portal.params import query_params
 from portal.tenants.access import tenant_admin_required, tenant_required
 from portal.tenants.charts import usage_by_day_chart
@@ -61,6 +62,7 @@ def overview(request: HttpRequest, membership: Membership) -> HttpResponse:
     return _page(request, membership, "tenants/overview.html", {
         "overview": tenant_overview(tenant=tenant),
         "deployments": [(d, health[d.pk]) for d in deployments],
+        "notices": list(notices_for_tenant(tenant=tenant, limit=10)),
     })
 
 
