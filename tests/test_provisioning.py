@@ -20,7 +20,7 @@ from agents import config as agent_config
 from portal.capacity.models import Allocation
 from portal.capacity.services import allocation_create
 from portal.fleet.models import NodeCredential, NodeStatus
-from portal.provisioning import crypto, services, steps, wheels
+from portal.provisioning import crypto, services, wheels
 from portal.provisioning.models import JobKind, JobStatus, KnownHost, ProvisioningJob, SshCredential, StepStatus
 from portal.provisioning.parsing import (
     HostListError,
@@ -31,6 +31,7 @@ from portal.provisioning.parsing import (
     parse_os_release,
     parse_query_gpu_csv,
 )
+from portal.provisioning.steps import connect, install
 from tests import FIXTURES
 from tests.factories import (
     PASSWORD,
@@ -144,7 +145,7 @@ class TestKeysAtRest:
         stored = SshCredential.objects.get()
         assert "PRIVATE KEY" not in stored.private_key_encrypted
         assert stored.public_key.startswith("ssh-ed25519 AAAA") and stored.fingerprint.startswith("SHA256:")
-        pkey = steps.credential_pkey(stored)
+        pkey = connect.credential_pkey(stored)
         blob = base64.b64decode(stored.public_key.split()[1])
         assert pkey.asbytes() == blob
         assert stored.fingerprint == "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
@@ -152,10 +153,10 @@ class TestKeysAtRest:
     def test_it_decrypts_with_a_rotated_key_list_and_refuses_a_foreign_key(self, settings, credential):
         old = (settings.VAR_DIR / "provisioning_key").read_text().strip()
         settings.PROVISIONING_KEY = f"{Fernet.generate_key().decode()},{old}"
-        assert steps.credential_pkey(SshCredential.objects.get()).get_name() == "ssh-ed25519"
+        assert connect.credential_pkey(SshCredential.objects.get()).get_name() == "ssh-ed25519"
         settings.PROVISIONING_KEY = Fernet.generate_key().decode()
         with pytest.raises(crypto.DecryptionError, match="PROVISIONING_KEY"):
-            steps.credential_pkey(SshCredential.objects.get())
+            connect.credential_pkey(SshCredential.objects.get())
 
     def test_it_uploads_a_key_through_the_page(self, client, admin):
         upload = SimpleUploadedFile("id_ed25519", openssh_key(passphrase=b"open sesame"))
@@ -359,16 +360,16 @@ class TestAgentArtifacts:
             wheels.check_agent_wheel(wheel)
 
     def test_it_writes_an_agent_config_the_agent_loads(self, tmp_path):
-        text = steps.agent_toml(portal_url="https://portal.example", state_dir="/opt/t/state",
+        text = install.agent_toml(portal_url="https://portal.example", state_dir="/opt/t/state",
                                    hostname='odd"name', simulate_gpus=4)
         cfg = agent_config.from_mapping(tomllib.loads(text))
         assert (cfg.portal_url, str(cfg.state_dir), cfg.hostname, cfg.simulate.gpus) == (
             "https://portal.example", "/opt/t/state", 'odd"name', 4)
-        assert "[simulate]" not in steps.agent_toml(portal_url="http://p", state_dir="/s", hostname="h",
+        assert "[simulate]" not in install.agent_toml(portal_url="http://p", state_dir="/s", hostname="h",
                                                        simulate_gpus=0)
 
     def test_it_points_the_hardened_unit_at_the_install_dir(self):
-        unit = steps.unit_text(install_dir="/opt/tokenmill-agent")
+        unit = install.unit_text(install_dir="/opt/tokenmill-agent")
         assert ("ExecStart=/opt/tokenmill-agent/venv/bin/tokenmill-agent run --config "
                 "/opt/tokenmill-agent/agent.toml") in unit.splitlines()
         assert "DynamicUser=yes" in unit and "ProtectSystem=strict" in unit
@@ -384,4 +385,4 @@ def test_it_loads_a_key_file_from_the_portal_host(tmp_path, admin):
     path.write_bytes(openssh_key())
     credential = services.credential_create_path(name="on disk", path=str(path), by=admin)
     assert credential.private_key_encrypted == ""
-    assert steps.credential_pkey(credential).get_name() == "ssh-ed25519"
+    assert connect.credential_pkey(credential).get_name() == "ssh-ed25519"

@@ -12,10 +12,10 @@ from django.db import transaction
 from django.utils import timezone
 
 from portal.celery import app as celery_app
-from portal.fleet.models import EnrollmentToken, Node, NodeCredential, NodeStatus
+from portal.fleet.models import EnrollmentToken, Node, NodeCredential, NodeLifecycle, NodeStatus
 from portal.fleet.services import EnrollmentError, node_enroll
 from portal.provisioning import services
-from portal.provisioning.models import JobStatus, KnownHost, ProvisioningJob, StepStatus
+from portal.provisioning.models import JobKind, JobStatus, KnownHost, ProvisioningJob, StepStatus
 from portal.provisioning.parsing import HostSpec
 from portal.telemetry.models import IngestedBatch
 from tests.factories import OperatorFactory, SiteFactory
@@ -29,6 +29,12 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def _fast_password_hashing(settings):
     """Logins and user factories here are incidental; PBKDF2's deliberate slowness would dominate these tests."""
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
+def _short_soak(settings):
+    """The acceptance test's soak is half an hour in production; a few seconds exercise the same loop."""
+    settings.ACCEPTANCE_SOAK_S = 2
 
 FAIL_VENV = """#!/bin/sh
 if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then
@@ -131,8 +137,9 @@ def test_it_fails_a_step_retries_past_it_provisions_the_node_and_decommissions_i
     assert "GPU 0: NVIDIA H100 80GB HBM3, 81559 MiB, 00000000:00:09.0, MIG enabled" in by_key["preflight"].output
     assert job.facts["driver_version"] == "590.48.01"
     assert job.facts["init_system"] == "none"
-    assert Node.objects.count() == 0
-    assert EnrollmentToken.objects.count() == 0
+    # The job drives its node from the start: provisioning, with no credential until it enrolls.
+    assert Node.objects.get().lifecycle == NodeLifecycle.PROVISIONING
+    assert NodeCredential.objects.count() == 0 and EnrollmentToken.objects.count() == 0
 
     (sshd.stub_dir / "python3").unlink()
     services.job_retry(job=job, by=operator)
@@ -154,12 +161,28 @@ def test_it_fails_a_step_retries_past_it_provisions_the_node_and_decommissions_i
     pid = int((install_dir / "agent.pid").read_text())
     os.kill(pid, 0)
 
+    # The install ended in the acceptance test, run at once over the same connection details: it passed on the
+    # captured nvidia-smi and the agent's self-test, so the node is sellable.
+    burn_in = ProvisioningJob.objects.get(kind=JobKind.BURN_IN)
+    assert burn_in.status == JobStatus.DONE, burn_in.error
+    by_key = steps(burn_in)
+    assert [by_key[k].status for k in ("connect", "inventory", "memory", "diagnostics", "soak", "accept")] == [
+        StepStatus.DONE, StepStatus.WARNING, StepStatus.DONE, StepStatus.DONE, StepStatus.DONE, StepStatus.DONE]
+    assert "1 GPU(s) found by nvidia-smi: 0: NVIDIA H100 80GB HBM3" in by_key["inventory"].output
+    assert "GPU 0: uncorrected ECC 0, row remaps not reported" in by_key["memory"].output
+    assert "DCGM is not installed: the agent's NVML self-test ran on simulated GPUs" in by_key["diagnostics"].output
+    assert "2 s without a health event" in by_key["soak"].output
+    node.refresh_from_db()
+    assert node.lifecycle == NodeLifecycle.SELLABLE
+    assert [c.lifecycle for c in node.lifecycle_changes.all()] == [
+        NodeLifecycle.PROVISIONING, NodeLifecycle.BURN_IN, NodeLifecycle.SELLABLE]
+
     decommission = services.decommission_create(node=node, skip_ssh=False, by=operator)
     decommission.refresh_from_db()
     assert decommission.status == JobStatus.DONE, decommission.error
     assert [s.status for s in decommission.steps.order_by("position")] == [StepStatus.DONE] * 5
     node.refresh_from_db()
-    assert node.status == NodeStatus.DECOMMISSIONED
+    assert node.status == NodeStatus.DECOMMISSIONED and node.lifecycle == NodeLifecycle.RETIRED
     assert not NodeCredential.objects.filter(node=node, revoked_at__isnull=True).exists()
     assert not install_dir.exists()
     with pytest.raises(ProcessLookupError):
@@ -181,7 +204,7 @@ def test_it_stops_on_a_changed_host_key(sshd, operator, install_dir, tmp_path): 
     assert sshd.host_fingerprint in job.error and "SHA256:pinned-before" in job.error
     assert steps(job)["connect"].status == StepStatus.FAILED
     assert KnownHost.objects.get().key_base64 == other_b64  # the pinned key is never replaced silently
-    assert Node.objects.count() == 0 and EnrollmentToken.objects.count() == 0
+    assert Node.objects.get().lifecycle == NodeLifecycle.PROVISIONING and EnrollmentToken.objects.count() == 0
 
 
 def test_it_reports_a_key_the_node_does_not_authorize(sshd, operator, install_dir, tmp_path):  # noqa: F811
@@ -211,7 +234,7 @@ def test_it_expires_the_token_when_enrollment_fails(sshd, operator, install_dir)
     assert "Connection refused" in steps(job)["enroll"].output
     token = EnrollmentToken.objects.get()
     assert token.used_at is None and token.expires_at <= timezone.now()
-    assert Node.objects.count() == 0
+    assert not NodeCredential.objects.exists()
     # The token (whose value only the node saw) can no longer enroll anything: expired, refused by node_enroll.
     with pytest.raises(EnrollmentError):
         node_enroll(token_value=f"tme_{token.prefix}_x", host={"hostname": "intruder"})
@@ -239,5 +262,5 @@ def test_it_runs_a_job_in_a_real_celery_worker(sshd, operator, install_dir, live
         assert proc.poll() is None, "worker died"
     assert job.status == JobStatus.DONE, job.error
     assert IngestedBatch.objects.filter(node__hostname="sim-node-01").exists()
-    assert ProvisioningJob.objects.get().steps.filter(status=StepStatus.FAILED).count() == 0
+    assert job.steps.filter(status=StepStatus.FAILED).count() == 0
 

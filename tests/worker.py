@@ -27,7 +27,9 @@ def celery_worker():
     """Start `celery worker` on a queue of its own (so no other worker on this machine takes its tasks); yields
     the queue name. The worker is killed on exit."""
     queue = f"test-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "DATABASE_URL": database_url(), "CELERY_BROKER_URL": celery_app.conf.broker_url}
+    # Provisioning jobs the worker queues itself (an install's acceptance test) come back to this worker.
+    env = {**os.environ, "DATABASE_URL": database_url(), "CELERY_BROKER_URL": celery_app.conf.broker_url,
+           "PROVISIONING_QUEUE": queue}
     env.pop("CELERY_TASK_ALWAYS_EAGER", None)
     celery = Path(sys.executable).parent / "celery"
     log = settings.VAR_DIR / f"{queue}.log"

@@ -65,6 +65,7 @@ class KnownHost(models.Model):
 
 class JobKind(models.TextChoices):
     INSTALL = "install", "Install agent"
+    BURN_IN = "burn_in", "Acceptance test"
     DECOMMISSION = "decommission", "Decommission"
 
 
@@ -120,6 +121,13 @@ class ProvisioningJob(models.Model):
     class Meta:
         ordering = ["-created_at", "-pk"]
         indexes = [models.Index(fields=["status"]), models.Index(fields=["host", "port"])]
+        # Two jobs driving one node at once would undo each other's steps: the database refuses the second.
+        constraints = [
+            models.UniqueConstraint(fields=["node"], condition=Q(status__in=ACTIVE_STATUSES, node__isnull=False),
+                                    name="provisioningjob_one_active_per_node"),
+            models.UniqueConstraint(fields=["host", "port"], condition=Q(status__in=ACTIVE_STATUSES) & ~Q(host=""),
+                                    name="provisioningjob_one_active_per_host"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.get_kind_display()} {self.target}"

@@ -70,9 +70,14 @@ def parse_host_line(line: str, *, default_user: str, default_port: int) -> HostS
     if not valid_host(host):
         raise ValueError(f"{host!r} is not a valid host name or address")
     name = name or host
-    if not _NODE_NAME.match(name):
+    if not valid_node_name(name):
         raise ValueError(f"{name!r} is not a valid node name (letters, digits, . _ -)")
     return HostSpec(user=user, host=host, port=port, name=name)
+
+
+def valid_node_name(name: str) -> bool:
+    """A hostname a node may report itself under (letters, digits, . _ -)."""
+    return bool(_NODE_NAME.match(name))
 
 
 def _port(text: str) -> int:
@@ -169,6 +174,65 @@ def parse_query_gpu_csv(text: str) -> list[GpuInfo]:
             mig_pending=_enabled(values.get("mig.mode.pending", "")),
         ))
     return gpus
+
+
+MEMORY_HEALTH_FIELDS = ("index", "ecc.errors.uncorrected.volatile.total", "retired_pages.pending",
+                        "remapped_rows.pending", "remapped_rows.failure")
+
+
+@dataclass(frozen=True)
+class MemoryHealth:
+    """A GPU's memory faults as nvidia-smi reports them; None where the GPU does not report one (MIG mode hides
+    the row remapper, and only pre-Ampere GPUs retire pages)."""
+
+    index: int
+    uncorrected_volatile: int | None
+    retired_pending: bool | None
+    remap_pending: bool | None
+    remap_failure: bool | None
+
+    @property
+    def problems(self) -> list[str]:
+        found = []
+        if self.uncorrected_volatile:
+            found.append(f"{self.uncorrected_volatile} uncorrected ECC error(s) since the driver loaded")
+        if self.retired_pending:
+            found.append("a page retirement is pending (needs a GPU reset)")
+        if self.remap_pending:
+            found.append("a row remap is pending (needs a GPU reset)")
+        if self.remap_failure:
+            found.append("row remapping failed: the GPU is out of spare rows")
+        return found
+
+
+def parse_memory_health_csv(text: str) -> list[MemoryHealth]:
+    """Rows of `nvidia-smi --query-gpu=<MEMORY_HEALTH_FIELDS> --format=csv`, columns found by name."""
+    rows = [r for r in csv.reader(io.StringIO(text.strip()), skipinitialspace=True) if r]
+    if not rows:
+        raise ValueError("nvidia-smi printed nothing")
+    header = [h.split(" [")[0].strip() for h in rows[0]]
+    missing = [f for f in MEMORY_HEALTH_FIELDS if f not in header]
+    if missing:
+        raise ValueError(f"nvidia-smi output has no {', '.join(missing)} column")
+    found = []
+    for number, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise ValueError(f"nvidia-smi CSV line {number} has {len(row)} fields, the header {len(header)}")
+        values = dict(zip(header, row, strict=True))
+        count = _na(values["ecc.errors.uncorrected.volatile.total"])
+        found.append(MemoryHealth(
+            index=int(values["index"]),
+            uncorrected_volatile=int(count) if count is not None and count.isdigit() else None,
+            retired_pending=_yes(values["retired_pages.pending"]),
+            remap_pending=_yes(values["remapped_rows.pending"]),
+            remap_failure=_yes(values["remapped_rows.failure"]),
+        ))
+    return found
+
+
+def _yes(value: str) -> bool | None:
+    value = _na(value)
+    return None if value is None else value.lower() == "yes"
 
 
 def parse_df_available_mib(text: str) -> int:

@@ -9,6 +9,7 @@ from portal.fleet.models import Node
 from portal.provisioning.models import (
     ACTIVE_STATUSES,
     COMPLETED_STEP_STATUSES,
+    JobKind,
     JobStatus,
     KnownHost,
     ProvisioningJob,
@@ -52,6 +53,7 @@ class JobView:
     progress: Progress
     polls: bool
     known_host: KnownHost | None
+    acceptance: ProvisioningJob | None  # the acceptance test an install ended in
 
 
 def job_detail(*, job_id: int) -> JobView:
@@ -65,6 +67,9 @@ def job_detail(*, job_id: int) -> JobView:
     return JobView(
         job=job, steps=current, earlier=sorted(earlier.items(), reverse=True), progress=job_progress(job, current),
         polls=job_polls(job), known_host=KnownHost.objects.filter(host=job.host, port=job.port).first(),
+        acceptance=ProvisioningJob.objects.filter(node_id=job.node_id, kind=JobKind.BURN_IN,
+                                                  created_at__gte=job.created_at).order_by("pk").first()
+        if job.kind == JobKind.INSTALL and job.node_id else None,
     )
 
 
@@ -113,3 +118,11 @@ def allocations_to_release(*, node: Node, at: datetime | None = None) -> QuerySe
     at = at or timezone.now()
     return (Allocation.objects.filter(gpu__node=node).exclude(ends_at__lte=at)
             .select_related("tenant", "gpu", "mig_instance").order_by("starts_at"))
+
+
+def latest_jobs(*, node_ids: list[int]) -> dict[int, ProvisioningJob]:
+    """Each node's newest job, for the site page's pipeline."""
+    found: dict[int, ProvisioningJob] = {}
+    for job in ProvisioningJob.objects.filter(node_id__in=node_ids).order_by("node_id", "-created_at", "-pk"):
+        found.setdefault(job.node_id, job)
+    return found

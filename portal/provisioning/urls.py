@@ -16,4 +16,5 @@ urlpatterns = [
     path("jobs/<int:job_id>/retry/", views.retry, name="retry"),
     path("nodes/<int:node_id>/", views.node, name="node"),
     path("nodes/<int:node_id>/decommission/", views.decommission, name="decommission"),
+    path("nodes/<int:node_id>/acceptance/", views.acceptance, name="acceptance"),
 ]

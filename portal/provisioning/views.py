@@ -165,3 +165,16 @@ def decommission(request: HttpRequest, node_id: int) -> HttpResponse:
         "node": node, "form": form, "install": services.last_install(node=node),
         "allocations": selectors.allocations_to_release(node=node),
     })
+
+
+@operator_admin_required
+@require_POST
+def acceptance(request: HttpRequest, node_id: int) -> HttpResponse:
+    """Run the node's acceptance test again: after a failed one, or to end its cordons."""
+    node = get_object_or_404(Node.objects.select_related("site"), pk=node_id)
+    try:
+        job = services.burn_in_create(node=node, by=request.user)
+    except services.ProvisioningError as exc:
+        messages.error(request, str(exc))
+        return redirect("provisioning:node", node_id=node.pk)
+    return redirect("provisioning:job", job_id=job.pk)

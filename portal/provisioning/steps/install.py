@@ -1,31 +1,18 @@
-"""The steps of a provisioning job: install the agent on a node over SSH, or remove it and retire the node.
-
-Each step takes the attempt (`Runner`) and returns what it did (`Outcome`), or raises `StepFailed` with the
-output the operator needs to fix it."""
+"""Installing the agent on a node over SSH: preflight, upload, install, configure, enroll, start, and the wait for
+its first batch. The node then goes to its acceptance test (steps.burnin)."""
 
 import hashlib
 import json
 import shlex
 import time
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
-import paramiko
 from django.conf import settings
-from django.utils import timezone
 
-from portal.capacity.services import allocations_release_node
-from portal.fleet.models import NodeStatus
-from portal.fleet.services import (
-    credential_revoke,
-    enrollment_token_create,
-    enrollment_token_revoke,
-    node_mark_status,
-)
-from portal.provisioning import crypto, ssh
-from portal.provisioning.attempt import SYSTEMD_STATE_DIR, Outcome, Runner, StepFailed
-from portal.provisioning.models import KnownHost, ProvisioningJob, SshCredential
+from portal.fleet.services import enrollment_token_create, enrollment_token_revoke
+from portal.provisioning.attempt import Outcome, Runner, StepFailed
+from portal.provisioning.models import ProvisioningJob
 from portal.provisioning.parsing import (
     QUERY_GPU_FIELDS,
     parse_df_available_mib,
@@ -33,6 +20,7 @@ from portal.provisioning.parsing import (
     parse_python_version,
     parse_query_gpu_csv,
 )
+from portal.provisioning.steps.registry import step
 from portal.standards.selectors import current_baseline
 from portal.standards.versions import compare
 
@@ -47,31 +35,6 @@ UNIT_PATH = "/etc/systemd/system/tokenmill-agent.service"
 # systemd's ProtectHome= and PrivateTmp= hide these from the hardened unit.
 HIDDEN_FROM_UNIT = ("/home/", "/root/", "/tmp/", "/var/tmp/", "/run/user/")  # noqa: S108 -- paths refused, not used
 
-INSTALL_STEPS = [
-    ("connect", "Connect (pinned host key)"),
-    ("preflight", "Preflight checks"),
-    ("upload", "Upload agent wheels (SFTP)"),
-    ("install", "Install into a virtualenv (offline)"),
-    ("configure", "Write the agent configuration"),
-    ("enroll", "Enroll with a one-time token"),
-    ("start", "Start the agent"),
-    ("first_batch", "Wait for the first batch"),
-]
-DECOMMISSION_STEPS = [
-    ("connect", "Connect (pinned host key)"),
-    ("stop", "Stop and remove the agent"),
-    ("revoke", "Revoke the node's credential"),
-    ("release", "Release allocations"),
-    ("mark", "Mark the node decommissioned"),
-]
-SSH_STEPS = {"preflight", "upload", "install", "configure", "enroll", "start", "stop"}
-
-
-def credential_pkey(credential: SshCredential) -> paramiko.PKey:
-    if credential.key_path:
-        return ssh.load_pkey_file(credential.key_path)
-    return ssh.load_pkey(crypto.decrypt(credential.private_key_encrypted))
-
 
 def unused_token_expire(job: ProvisioningJob) -> None:
     """Revoke the job's enrollment token; a node never enrolled with it."""
@@ -79,28 +42,7 @@ def unused_token_expire(job: ProvisioningJob) -> None:
         enrollment_token_revoke(token_id=job.enrollment_token_id)
 
 
-def step_connect(r: Runner) -> Outcome:
-    job = r.job
-    known = KnownHost.objects.filter(host=job.host, port=job.port).first()
-    if known is None:
-        raise StepFailed(f"no host key is pinned for {job.host}:{job.port}: confirm its fingerprint first")
-    if job.credential is None:
-        raise StepFailed("the job has no SSH credential")
-    r.conn = ssh.connect(host=job.host, port=job.port, username=job.username, pkey=credential_pkey(job.credential),
-                         key_type=known.key_type, key_base64=known.key_base64, pinned_fingerprint=known.fingerprint)
-    out = Outcome()
-    out.ok(f"connected to {job.target} with key {job.credential.fingerprint} ({job.credential.name})")
-    out.ok(f"host key {known.fingerprint} ({known.key_type}) matches the key pinned on "
-           f"{known.added_at:%Y-%m-%d %H:%M} UTC ({known.get_source_display().lower()})")
-    if job.username != "root":
-        check = r.remote.run("sudo -n true", privileged=False)
-        if not check.ok:
-            raise StepFailed(f"{job.username} cannot run sudo without a password (needed to install as root)",
-                             check.text())
-        out.ok(f"{job.username} may use sudo without a password")
-    return out
-
-
+@step("preflight", "Preflight checks", needs_ssh=True)
 def step_preflight(r: Runner) -> Outcome:
     job, out = r.job, Outcome()
     facts: dict = {}
@@ -209,6 +151,7 @@ def _compare_driver(driver: str, out: Outcome, facts: dict) -> None:
         out.warn(f"driver {driver} is {side} the fleet baseline {baseline.driver_version}")
 
 
+@step("upload", "Upload agent wheels (SFTP)", needs_ssh=True)
 def step_upload(r: Runner) -> Outcome:
     wheels = r.wheels()
     out = Outcome()
@@ -238,6 +181,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@step("install", "Install into a virtualenv (offline)", needs_ssh=True)
 def step_install(r: Runner) -> Outcome:
     wheels, out, venv = r.wheels(), Outcome(), f"{r.q_dir}/venv"
     result = r.run(f"python3 -m venv --clear --without-pip {venv}", "creating the virtualenv")
@@ -266,6 +210,7 @@ def agent_toml(*, portal_url: str, state_dir: str, hostname: str, simulate_gpus:
     return "\n".join(lines) + "\n"
 
 
+@step("configure", "Write the agent configuration", needs_ssh=True)
 def step_configure(r: Runner) -> Outcome:
     job = r.job
     text = agent_toml(portal_url=job.portal_url, state_dir=r.state_dir, hostname=job.node_name,
@@ -278,6 +223,7 @@ def step_configure(r: Runner) -> Outcome:
     return out
 
 
+@step("enroll", "Enroll with a one-time token", needs_ssh=True)
 def step_enroll(r: Runner) -> Outcome:
     job = r.job
     token, value = enrollment_token_create(site=job.site, created_by=job.created_by, ttl=ENROLL_TOKEN_TTL,
@@ -309,6 +255,7 @@ def unit_text(*, install_dir: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+@step("start", "Start the agent", needs_ssh=True)
 def step_start(r: Runner) -> Outcome:
     out = Outcome()
     if r.job.init_system == "systemd":
@@ -323,7 +270,7 @@ def step_start(r: Runner) -> Outcome:
         out.ok(f"{UNIT_PATH} installed, enabled and active")
         return out
     pid, logf = f"{r.q_dir}/agent.pid", f"{r.q_dir}/agent.log"
-    r.run(_stop_detached(pid), "stopping a previous agent")
+    r.run(stop_detached(pid), "stopping a previous agent")
     # One simple command in the background (not a list), so $! is the agent itself (setsid and nohup exec it) and
     # no shell keeps the SSH channel's output open.
     r.run(f"setsid nohup {r.q_dir}/venv/bin/tokenmill-agent --config {r.q_dir}/agent.toml run "
@@ -338,13 +285,14 @@ def step_start(r: Runner) -> Outcome:
     return out
 
 
-def _stop_detached(pid: str) -> str:
+def stop_detached(pid: str) -> str:
     """Shell that stops the process in a pid file (TERM, then KILL after 10 s) and removes the file."""
     return (f"if [ -f {pid} ]; then p=$(cat {pid}); if kill -0 \"$p\" 2>/dev/null; then kill -TERM \"$p\"; "
             "i=0; while kill -0 \"$p\" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; "
             f"kill -KILL \"$p\" 2>/dev/null; fi; rm -f {pid}; fi; true")
 
 
+@step("first_batch", "Wait for the first batch", needs_ssh=False)
 def step_first_batch(r: Runner) -> Outcome:
     from portal.telemetry.models import IngestedBatch
 
@@ -371,58 +319,3 @@ def step_first_batch(r: Runner) -> Outcome:
         r.check_cancelled()
         r.heartbeat()
         time.sleep(FIRST_BATCH_POLL_S)
-
-
-def step_stop(r: Runner) -> Outcome:
-    out = Outcome()
-    if r.job.init_system == "systemd":
-        r.run(f"systemctl disable --now tokenmill-agent.service 2>/dev/null; rm -f {UNIT_PATH}; "
-              f"systemctl daemon-reload; rm -rf {SYSTEMD_STATE_DIR} /var/lib/private/tokenmill-agent",
-              "removing the unit")
-        out.ok(f"unit stopped, disabled and removed; {SYSTEMD_STATE_DIR} removed")
-    else:
-        r.run(_stop_detached(f"{r.q_dir}/agent.pid"), "stopping the agent")
-        out.ok("detached agent stopped")
-    r.run(f"rm -rf {r.q_dir}", f"removing {r.dir}")
-    out.ok(f"{r.dir} removed (agent, virtualenv, wheels, configuration, credential)")
-    return out
-
-
-def step_revoke(r: Runner) -> Outcome:
-    count = credential_revoke(node=r.job.node)
-    out = Outcome()
-    out.ok(f"{count} credential(s) revoked: the node's agent can no longer send")
-    return out
-
-
-def step_release(r: Runner) -> Outcome:
-    count = allocations_release_node(node=r.job.node, at=timezone.now())
-    out = Outcome()
-    out.ok(f"{count} allocation(s) ended")
-    return out
-
-
-def step_mark(r: Runner) -> Outcome:
-    job = r.job
-    who = job.created_by.get_username() if job.created_by else "an operator"
-    node_mark_status(node=job.node, status=NodeStatus.DECOMMISSIONED, at=timezone.now(),
-                     reason=f"decommissioned by {who} (provisioning job {job.pk})")
-    out = Outcome()
-    out.ok(f"{job.node.hostname} is decommissioned")
-    return out
-
-
-STEP_FUNCTIONS: dict[str, Callable[[Runner], Outcome]] = {
-    "connect": step_connect,
-    "preflight": step_preflight,
-    "upload": step_upload,
-    "install": step_install,
-    "configure": step_configure,
-    "enroll": step_enroll,
-    "start": step_start,
-    "first_batch": step_first_batch,
-    "stop": step_stop,
-    "revoke": step_revoke,
-    "release": step_release,
-    "mark": step_mark,
-}
