@@ -10,6 +10,8 @@ urlpatterns = [
     path("metrics", include("portal.telemetry.urls")),
     path("accounts/", include("portal.accounts.urls")),
     path("fleet/", include("portal.fleet.urls")),
+    path("sites/", include("portal.bringup.urls")),
+    path("health/", include("portal.health.urls")),
     path("economics/", include("portal.economics.urls")),
     path("capacity/", include("portal.capacity.urls")),
     path("alerts/", include("portal.alerts.urls")),

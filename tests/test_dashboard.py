@@ -133,9 +133,9 @@ def test_the_fleet_page_query_count_does_not_grow_with_the_fleet(operator_client
     small = _queries(operator_client, "/fleet/")
     _fleet(10)
     assert _queries(operator_client, "/fleet/") == small
-    # incl. the set-aside batch count, per period the site tokens beside their cost, and (no raw sample yet)
-    # the tokens of the last rolled-up minute
-    assert small == 26
+    # incl. the set-aside batch count, per period the site tokens beside their cost, (no raw sample yet) the
+    # tokens of the last rolled-up minute, and the sites' bring-up plans (none here)
+    assert small == 27
 
 
 def test_the_node_page_query_count_does_not_grow_with_history(operator_client):
@@ -154,8 +154,9 @@ def test_the_node_page_query_count_does_not_grow_with_history(operator_client):
     assert {key: _queries(operator_client, f"/fleet/nodes/{node.pk}/?range={key}") for key in counts} == counts
     # the page's own reads (the newest batch among them), then the 30-day cost: where attribution has reached,
     # and twice (the partial first day; the days not kept in the cache and today) the GPUs on the books, their
-    # hours, allocations, deployments, sites and the node's usage tiers; cold cache or warm, the same reads
-    assert set(counts.values()) == {24}  # the 30-day cost is attributed hour by hour, as the books are
+    # hours, allocations, deployments, sites and the node's usage tiers, and its open cordons; cold cache or
+    # warm, the same reads
+    assert set(counts.values()) == {25}  # the 30-day cost is attributed hour by hour, as the books are
 
 
 def test_the_node_charts_read_the_tier_of_their_range(operator_client):

@@ -9,6 +9,7 @@ from django.views.decorators.http import condition, require_POST
 
 from portal.accounts.access import operator_admin_required, operator_required
 from portal.audit.services import audit_record
+from portal.bringup.selectors import bringups_under_way
 from portal.capacity.selectors import holders_by_unit
 from portal.economics.charts import node_charts
 from portal.economics.selectors import (
@@ -32,6 +33,7 @@ from portal.fleet.selectors import (
     recent_enrollment_tokens,
 )
 from portal.fleet.services import enrollment_token_create
+from portal.health.selectors import open_cordons
 from portal.hours import day_floor
 from portal.params import query_params
 from portal.telemetry.selectors import RANGES, node_series
@@ -68,6 +70,7 @@ def overview(request: HttpRequest) -> HttpResponse:
         "statuses": NodeStatus.choices,
         "gpu_models": gpu_models(),
         "tenants": Tenant.objects.filter(status=TenantStatus.ACTIVE),
+        "bringups": bringups_under_way(now=now),
     }
     template = "fleet/overview.html#live" if request.htmx else "fleet/overview.html"
     return render(request, template, context)
@@ -91,6 +94,7 @@ def node_page(request: HttpRequest, node_id: int) -> HttpResponse:
     if request.htmx:
         return render(request, "fleet/node.html#charts", context)
     context["events"] = node_health_events(node=node)
+    context["cordons"] = list(open_cordons(node_ids=[node.pk]))
     context["last_batch"] = node_last_batch(node_id=node.pk)
     context["cost_through"] = attributed_through()
     context["cost_30d"] = node_cost(node=node, start=now - timedelta(days=30), end=now,
