@@ -71,6 +71,8 @@ INSTALLED_APPS = [
     "portal.audit",
     "portal.standards",
     "portal.provisioning",
+    "portal.health",
+    "portal.bringup",
     "portal.sla",
     "portal.billing",
 ]
@@ -200,7 +202,8 @@ CELERY_TASK_ROUTES = {
     "portal.economics.tasks.*": {"queue": "long"},
     "portal.billing.tasks.*": {"queue": "long"},
     "portal.sla.tasks.*": {"queue": "long"},
-    "portal.provisioning.tasks.*": {"queue": "long"},
+    # A deployment may give provisioning (SSH sessions, soaks) workers of its own.
+    "portal.provisioning.tasks.*": {"queue": env_str("PROVISIONING_QUEUE", "long")},
 }
 CELERY_BEAT_SCHEDULE = {
     "telemetry-rollup-minutes": {"task": "portal.telemetry.tasks.rollup_minutes", "schedule": 60.0},
@@ -213,6 +216,7 @@ CELERY_BEAT_SCHEDULE = {
     "capacity-billable": {"task": "portal.capacity.tasks.check_billable_deployments", "schedule": 60.0},
     "alerts-requeue-deliveries": {"task": "portal.alerts.tasks.requeue_stale_deliveries", "schedule": 300.0},
     # After the hour rollup (*/10) has folded in the hour that just ended.
+    "health-incidents-close": {"task": "portal.health.tasks.close_quiet_incidents", "schedule": 60.0},
     "sla-evaluate": {"task": "portal.sla.tasks.evaluate_slas", "schedule": crontab(minute=20)},
     # After the hour rollup and attribution (*/10) and the drafts: the books of the month, checked hourly.
     "economics-reconcile": {"task": "portal.economics.tasks.reconcile_books", "schedule": crontab(minute=35)},
@@ -251,6 +255,12 @@ LOGIN_LOCKOUT_SECONDS = env_int("LOGIN_LOCKOUT_SECONDS", 900, minimum=1)
 SIGNUP_RATE_LIMIT_PER_HOUR = env_int("SIGNUP_RATE_LIMIT_PER_HOUR", 10, minimum=1)
 # Fernet key(s) encrypting uploaded SSH private keys (portal/provisioning/crypto.py; first encrypts, all decrypt).
 PROVISIONING_KEY = env_str("PROVISIONING_KEY", "")
+# The acceptance test before sale: soak length for sites without a bring-up plan (a plan sets its own), and the
+# DCGM diagnostic level where dcgmi is installed (1: seconds, 2: about two minutes, 3-4: up to hours).
+# Where links in mails sent outside a request (tenant notices of health incidents) point.
+PORTAL_BASE_URL = env_str("PORTAL_BASE_URL", "http://127.0.0.1:8000")
+ACCEPTANCE_SOAK_S = env_int("ACCEPTANCE_SOAK_S", 1800, minimum=0)
+ACCEPTANCE_DCGM_LEVEL = env_int("ACCEPTANCE_DCGM_LEVEL", 1, minimum=1)
 if PRODUCTION and not PROVISIONING_KEY:
     raise ImproperlyConfigured("PROVISIONING_KEY is required when TOKENMILL_PRODUCTION=1")
 
