@@ -27,7 +27,7 @@ OPERATOR_PAGES = [
     ("what-if", "/economics/what-if/"), ("books", "/economics/books/"), ("alerts", "/alerts/"), ("sla", "/sla/"),
     ("sla-acme", "/sla/tenants/acme/"), ("billing", "/billing/"), ("invoice", "/billing/invoices/{invoice}/"),
     ("tenants", "/tenants/"), ("version-drift", "/standards/drift/"), ("provisioning", "/provisioning/"),
-    ("audit", "/audit/"),
+    ("audit", "/audit/"), ("site-bringup", "/sites/fra-1/"), ("health", "/health/"),
 ]
 TENANT_PAGES = [("tenant-overview", "/tenant/acme/"), ("tenant-usage", "/tenant/acme/usage/"),
                 ("tenant-sla", "/tenant/acme/sla/"), ("tenant-invoices", "/tenant/acme/billing/")]

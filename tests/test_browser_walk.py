@@ -11,6 +11,7 @@ from portal.billing.models import Invoice
 from portal.capacity.models import Deployment
 from portal.demo.seed import DEMO_PASSWORD, seed_demo
 from portal.fleet.models import Node
+from portal.provisioning.models import ProvisioningJob
 from portal.sla.models import SlaPolicy
 from portal.tenants.models import Tenant
 
@@ -62,9 +63,12 @@ def _operator_pages(base: str, admin: bool) -> list[str]:
              "/tenants/", f"/tenants/{acme.pk}/", "/tenants/plans/", "/audit/", "/economics/?period=7d",
              "/economics/pnl/", "/economics/what-if/", "/economics/books/", "/alerts/", "/sla/", "/sla/tenants/acme/",
              "/sla/policies/", f"/sla/policies/{SlaPolicy.objects.first().pk}/", "/billing/", "/billing/prices/",
-             f"/billing/invoices/{invoice.pk}/", "/standards/", "/standards/drift/", "/api/v1/docs"]
+             f"/billing/invoices/{invoice.pk}/", "/standards/", "/standards/drift/", "/api/v1/docs",
+             "/sites/fra-1/", "/sites/iad-1/", "/health/"]
     if admin:
-        pages += ["/fleet/enroll/", "/provisioning/", "/provisioning/keys/", f"/provisioning/nodes/{node.pk}/"]
+        burn_in = ProvisioningJob.objects.filter(kind="burn_in").first()
+        pages += ["/fleet/enroll/", "/provisioning/", "/provisioning/keys/", f"/provisioning/nodes/{node.pk}/",
+                  f"/provisioning/jobs/{burn_in.pk}/"]
     return [base + p for p in pages]
 
 
@@ -79,7 +83,7 @@ def test_every_operator_page_loads_cleanly_and_the_tiles_agree(page: Page, live_
     open_alerts = _number(page.get_by_test_id("open-alerts").inner_text())
     acknowledged = _number(page.get_by_test_id("acknowledged-alerts").inner_text())
     online, total = (int(n) for n in page.get_by_test_id("gpus-online").inner_text().split(" / "))
-    assert total == page.locator(".node .gpus .gpu").count() == 128
+    assert total == page.locator(".node .gpus .gpu").count() == 143  # 16 x 8, and FRA-1's 8 + 7 of today
     watch.visit(page, f"{live_server.url}/alerts/")
     assert _number(page.get_by_test_id("tab-open").inner_text()) == open_alerts
     assert _number(page.get_by_test_id("tab-acknowledged").inner_text()) == acknowledged

@@ -50,13 +50,14 @@ class NodePlan:
     node: Node
     model_key: str
     mig: bool
+    gpus: int = 8
     capacity: dict[str, float] = field(default_factory=dict)  # endpoint URL -> generation tokens/s at full load
     serving: dict[int, list[tuple[datetime, datetime | None]]] = field(default_factory=dict)  # GPU index -> windows
     live: dict[str, tuple[datetime, datetime | None]] = field(default_factory=dict)  # endpoint URL -> window
 
     def sim(self, *, now: datetime, unbillable: tuple[str, ...] = ()) -> SimulateConfig:
         serving = tuple(sorted(i for i, windows in self.serving.items() if _within(windows, now)))
-        return SimulateConfig(gpus=8, gpu_model=self.model_key, mig=self.mig, seed=SIM_SEED, load=LOAD_LEVEL,
+        return SimulateConfig(gpus=self.gpus, gpu_model=self.model_key, mig=self.mig, seed=SIM_SEED, load=LOAD_LEVEL,
                               driver_version=self.node.driver_version, unbillable=unbillable, serving_gpus=serving,
                               capacity=tuple(sorted(self.capacity.items())))
 

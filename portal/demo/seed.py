@@ -21,6 +21,7 @@ from portal.alerts.services import alert_acknowledge, alert_raise
 from portal.capacity.models import Allocation
 from portal.capacity.services import allocation_create, deployment_create, deployments_check_billable, quota_set
 from portal.demo.billing_seed import seed_billing
+from portal.demo.bringup_seed import seed_bringup, seed_cordoned_gpu
 from portal.demo.history import SIM_SEED, NodePlan, plan_nodes, write_history
 from portal.demo.tenants_seed import seed_tenants
 from portal.economics.models import PendingAttribution
@@ -37,11 +38,11 @@ from portal.fleet.models import (
     Site,
 )
 from portal.fleet.services import node_credential_issue
+from portal.health.catalog import CATALOG
 from portal.hours import hour_floor
 from portal.standards.services import baseline_set
 from portal.telemetry.models import RollupWatermark
 from portal.telemetry.rollups import rollup_site_hours
-from portal.telemetry.xid import XID_MEANINGS
 from portal.tenants.models import MemberRole, Membership, Tenant, TenantStatus
 
 DEMO_PASSWORD = "tokenmill-demo"  # noqa: S105 - the demo's published login, printed by `make demo`
@@ -118,9 +119,9 @@ def seed_demo(*, now: datetime | None = None, days: int = 30, minute_hours: int 
                                             password=DEMO_PASSWORD, first_name=tenant.name.split()[0])
             Membership.objects.create(user=user, tenant=tenant, role=MemberRole.ADMIN)
             people.append(user)
-        nodes = []
+        nodes, sites = [], {}
         for spec in SITES:
-            site = Site.objects.create(
+            site = sites[spec.slug] = Site.objects.create(
                 name=spec.name, slug=spec.slug, location=spec.location, currency=spec.currency,
                 gpu_capex=spec.capex, depreciation_months=48, energy_price_kwh=spec.kwh, pue=spec.pue,
                 other_opex_gpu_hour=spec.opex,
@@ -144,13 +145,24 @@ def seed_demo(*, now: datetime | None = None, days: int = 30, minute_hours: int 
         baseline_set(by=people[0], driver_version="590.48.01", cuda_driver_version="13.1",
                      note="Q4 fleet standard", now=now - timedelta(days=20), **{
                          f"{engine}_version": version for engine, version in VERSIONS.items()})
+        seed_cordoned_gpu(now=now)
+        fra = sites["fra-1"]
+        arrived = seed_bringup(
+            site=fra, accepted=[n for n in nodes if n.site_id == fra.pk], operator=people[0], now=now,
+            history_since=history_start(now, days),
+            make_node=lambda hostname, gpus: _node(fra, hostname, "A100", False, now, installed=now, gpus=gpus))
+        for plan in plan_nodes(nodes=arrived, capacity={}):
+            plan.gpus = plan.node.gpus.count()
+            plans.append(plan)
+        nodes += arrived
         for name in ("minute", "hour"):
             RollupWatermark.objects.update_or_create(name=name, defaults={"stored_until": now})
         RollupWatermark.objects.update_or_create(name="attribution", defaults={"stored_until": now})
         credentials = {node.hostname: node_credential_issue(node=node) for node in nodes}
     if agents_dir is not None:
         write_agent_configs(plans, credentials, agents_dir, portal_url, now)
-    return {"nodes": len(nodes), "gpus": len(nodes) * 8, "tenants": len(tenants), "users": len(people)}
+    return {"nodes": len(nodes), "gpus": Gpu.objects.filter(node__in=nodes).count(), "tenants": len(tenants),
+            "users": len(people)}
 
 
 def _people() -> list[User]:
@@ -162,27 +174,30 @@ def _people() -> list[User]:
     return [operator, viewer]
 
 
-def _node(site: Site, hostname: str, model_key: str, mig: bool, now: datetime, installed: datetime) -> Node:
+def _node(site: Site, hostname: str, model_key: str, mig: bool, now: datetime, installed: datetime,
+          gpus: int = 8) -> Node:
     model = GPU_MODELS[model_key]
-    node = Node.objects.create(
-        site=site, hostname=hostname, status=NodeStatus.ONLINE, last_seen=now, simulated=True, installed_at=installed,
-        os="Ubuntu 22.04.5 LTS", kernel="5.15.0-126-generic", driver_version="590.48.01",
-        cuda_driver_version="13.1", nvml_version="13.590.48.01", agent_version="0.1.0",
-    )
+    # A node of the bring-up plan exists (planned) before it is enrolled; the others are created here.
+    node = Node.objects.filter(site=site, hostname=hostname).first() or Node(site=site, hostname=hostname)
+    facts = {"status": NodeStatus.ONLINE, "last_seen": now, "simulated": True, "installed_at": installed,
+             "os": "Ubuntu 22.04.5 LTS", "kernel": "5.15.0-126-generic", "driver_version": "590.48.01",
+             "cuda_driver_version": "13.1", "nvml_version": "13.590.48.01", "agent_version": "0.1.0"}
     if hostname in LAGGING_NODES:
         # Two nodes lag the baseline, as real fleets do; the version-drift view shows them.
-        node.driver_version, node.nvml_version, node.cuda_driver_version = LAGGING_DRIVER, "12.550.127.05", "12.4"
-        node.save()
-    gpus = Gpu.objects.bulk_create(
+        facts |= {"driver_version": LAGGING_DRIVER, "nvml_version": "12.550.127.05", "cuda_driver_version": "12.4"}
+    for name, value in facts.items():
+        setattr(node, name, value)
+    node.save()
+    made = Gpu.objects.bulk_create(
         Gpu(node=node, uuid=gpu_uuid(hostname, i), index=i, name=model.name, memory_total_mib=model.memory_mib,
             installed_at=installed,
             power_limit_w=model.power_limit_w, mig_mode=bool(mig and mig_layout(i)),
             pci_bus_id=f"00000000:{0x18 + 0x11 * i:02X}:00.0")
-        for i in range(8)
+        for i in range(gpus)
     )
     MigInstance.objects.bulk_create(
         MigInstance(gpu=gpu, gi_id=gi, profile=profile, memory_total_mib=model.mig_memory_mib[profile])
-        for gpu in gpus if mig for profile, gi in mig_layout(gpu.index)
+        for gpu in made if mig for profile, gi in mig_layout(gpu.index)
     )
     node.model_key = model_key
     return node
@@ -260,10 +275,10 @@ def _health(nodes: list[Node], operator: User, now: datetime, rng: random.Random
         gpu = rng.choice(gpus)
         code = rng.choice((13, 13, 31, 43, 94))
         HealthEvent.objects.create(node=gpu.node, gpu=gpu, kind=HealthEventKind.XID, code=code,
-                                   detail=XID_MEANINGS[code][0], at=now - timedelta(minutes=rng.randrange(7 * 1440)))
+                                   detail=CATALOG[code].title, at=now - timedelta(minutes=rng.randrange(7 * 1440)))
     for kind, code, severity, title, minutes_ago, acknowledge in (
-        (HealthEventKind.XID, 63, Severity.WARNING, f"XID 63: {XID_MEANINGS[63][0]}", 2900, True),
-        (HealthEventKind.XID, 94, Severity.WARNING, f"XID 94: {XID_MEANINGS[94][0]}", 400, False),
+        (HealthEventKind.XID, 63, Severity.WARNING, f"XID 63: {CATALOG[63].title}", 2900, True),
+        (HealthEventKind.XID, 94, Severity.WARNING, f"XID 94: {CATALOG[94].title}", 400, False),
         (HealthEventKind.THERMAL_THROTTLE, None, Severity.WARNING, "Thermal throttling", 95, False),
     ):
         gpu = rng.choice(gpus)
