@@ -97,6 +97,18 @@ def test_it_cordons_on_xid_79_tells_the_holder_and_takes_the_node_out_of_placeme
     assert (replacement.allocation, replacement.cordon, replacement.proposal) == (allocation, cordon, None)
 
 
+def test_a_node_wide_incident_tells_every_holder_on_the_node_and_a_gpu_one_only_its_own(client, fleet):
+    node, cred, uuids, gpus, tenant, *_ = fleet
+    neighbour = TenantFactory()
+    allocation_create(tenant=neighbour, gpu=gpus[0], starts_at=timezone.now() - timedelta(hours=1))
+    xid(client, cred, 2, uuids[1], 48, time.time() - 60)  # the GPU: its holder only
+    assert list(TenantNotice.objects.values_list("tenant", flat=True)) == [tenant.pk]
+    xid(client, cred, 3, uuids[1], 79, time.time() - 30)  # the node: everyone on it
+    notices = TenantNotice.objects.filter(incident__xid=79)
+    assert sorted(notices.values_list("tenant", "unit")) == sorted([
+        (tenant.pk, f"GPU 1 of {node.hostname}"), (neighbour.pk, f"GPU 0 of {node.hostname}")])
+
+
 def test_it_groups_a_burst_into_one_incident_and_opens_a_new_one_after_the_quiet_period(client, fleet):
     _node, cred, uuids, gpus, *_ = fleet
     rule_set(xid=94, action=Action.CORDON_GPU, quiet_minutes=10, note="", by=OperatorFactory())

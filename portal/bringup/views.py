@@ -10,6 +10,7 @@ from portal.bringup.forms import PlanForm, PlanLineForm, PlannedNodesForm
 from portal.bringup.models import BringUpPlan
 from portal.bringup.selectors import site_bringup
 from portal.fleet.models import Site
+from portal.formerrors import form_errors_text
 from portal.health.selectors import open_cordons
 from portal.provisioning.selectors import latest_jobs
 
@@ -79,9 +80,7 @@ def nodes_name(request: HttpRequest, slug: str) -> HttpResponse:
 
 def _refused(request: HttpRequest, site: Site, form) -> HttpResponse:
     """A form with errors: the page again, with a 400 and the fields named."""
-    errors = "; ".join(f"{name}: {' '.join(e)}" if name != "__all__" else " ".join(e)
-                       for name, e in form.errors.items())
-    messages.error(request, f"Not saved: {errors}")
+    messages.error(request, f"Not saved: {form_errors_text(form)}")
     response = site_page(request, site.slug)
     response.status_code = 400
     return response

@@ -253,6 +253,7 @@ def replacements_propose(*, now: datetime | None = None) -> list[Replacement]:
         else:
             held = held.filter(gpu__node_id=cordon.node_id)
         hit += [(a, cordon) for a in held]
+
     def kind(a: Allocation) -> tuple[str, str]:
         return a.gpu.name, a.mig_instance.profile if a.mig_instance_id else ""
 

@@ -91,9 +91,14 @@ def allocations_hit(*, incident: Incident) -> QuerySet[Allocation]:
     end = incident.closed_at or timezone.now()
     rows = Allocation.objects.filter(starts_at__lt=end).filter(
         Q(ends_at__isnull=True) | Q(ends_at__gt=incident.opened_at)).select_related("tenant", "gpu", "mig_instance")
-    if incident.gpu_id is not None:
+    if _gpu_wide(incident):
         return rows.filter(gpu_id=incident.gpu_id)
     return rows.filter(gpu__node_id=incident.node_id)
+
+
+def _gpu_wide(incident: Incident) -> bool:
+    """An incident touches its GPU only, unless it has none or its action takes the whole node out."""
+    return incident.gpu_id is not None and incident.action != Action.CORDON_NODE
 
 
 def incidents_affecting(*, tenant: Tenant, start: datetime, end: datetime) -> list[Incident]:
@@ -104,15 +109,15 @@ def incidents_affecting(*, tenant: Tenant, start: datetime, end: datetime) -> li
                 .values_list("gpu_id", "gpu__node_id", "starts_at", "ends_at"))
     if not held:
         return []
-    on_units = Q(gpu_id__in={g for g, *_ in held}) | Q(gpu__isnull=True, node_id__in={n for _, n, *_ in held})
-    candidates = (Incident.objects.exclude(action=Action.RECORD).filter(on_units, opened_at__lt=end)
+    candidates = (Incident.objects.exclude(action=Action.RECORD)
+                  .filter(node_id__in={n for _, n, *_ in held}, opened_at__lt=end)
                   .filter(Q(closed_at__isnull=True) | Q(closed_at__gt=start)).order_by("opened_at", "pk"))
     now = timezone.now()
     found = []
     for incident in candidates:
         lo, hi = incident.opened_at, incident.closed_at or now
         for gpu_id, node_id, a_start, a_end in held:
-            same_unit = gpu_id == incident.gpu_id if incident.gpu_id else node_id == incident.node_id
+            same_unit = gpu_id == incident.gpu_id if _gpu_wide(incident) else node_id == incident.node_id
             if same_unit and a_start < hi and (a_end is None or a_end > lo):
                 found.append(incident)
                 break

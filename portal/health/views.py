@@ -6,6 +6,7 @@ from django.views.decorators.http import require_POST
 
 from portal.accounts.access import operator_admin_required, operator_required
 from portal.fleet.models import Gpu, MigInstance, Node
+from portal.formerrors import form_errors_text
 from portal.health import selectors, services
 from portal.health.forms import CordonForm, OverrideForm, RuleForm
 from portal.health.models import Cordon
@@ -27,8 +28,7 @@ def overview(request: HttpRequest) -> HttpResponse:
 def rule_save(request: HttpRequest, xid: int) -> HttpResponse:
     form = RuleForm(request.POST, prefix=f"xid{xid}")
     if not form.is_valid():
-        errors = "; ".join(f"{name}: {' '.join(e)}" for name, e in form.errors.items())
-        messages.error(request, f"XID {xid} not saved: {errors}")
+        messages.error(request, f"XID {xid} not saved: {form_errors_text(form)}")
         response = overview(request)
         response.status_code = 400
         return response
@@ -61,8 +61,7 @@ def cordon_unit(request: HttpRequest, node_id: int) -> HttpResponse:
     node = get_object_or_404(Node, pk=node_id)
     form = CordonForm(request.POST)
     if not form.is_valid():
-        messages.error(request, "Not cordoned: " + "; ".join(
-            f"{name}: {' '.join(e)}" for name, e in form.errors.items()))
+        messages.error(request, f"Not cordoned: {form_errors_text(form)}")
         return redirect("fleet:node", node_id=node.pk)
     kind, _, pk = form.cleaned_data["unit"].partition(":")
     gpu = mig = None

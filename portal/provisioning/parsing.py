@@ -148,21 +148,29 @@ def _enabled(value: str) -> bool | None:
     return None if value is None else value.lower() == "enabled"
 
 
-def parse_query_gpu_csv(text: str) -> list[GpuInfo]:
-    """Rows of `nvidia-smi --query-gpu=... --format=csv` (with its header). Columns are found by name, units in
-    brackets stripped (`memory.total [MiB]`), so the full ~210-column capture parses the same as our query."""
+def _query_csv(text: str, required: tuple[str, ...]) -> list[dict[str, str]]:
+    """The rows of `nvidia-smi --query-gpu=... --format=csv` by column name (units in brackets stripped, so the
+    full ~210-column capture reads the same as our queries); ValueError naming what is missing or malformed."""
     rows = [r for r in csv.reader(io.StringIO(text.strip()), skipinitialspace=True) if r]
     if not rows:
         raise ValueError("nvidia-smi printed nothing")
     header = [h.split(" [")[0].strip() for h in rows[0]]
-    missing = [f for f in ("index", "name", "uuid", "driver_version") if f not in header]
+    missing = [f for f in required if f not in header]
     if missing:
         raise ValueError(f"nvidia-smi output has no {', '.join(missing)} column (not --query-gpu CSV?)")
-    gpus = []
+    table = []
     for number, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
             raise ValueError(f"nvidia-smi CSV line {number} has {len(row)} fields, the header {len(header)}")
-        values = dict(zip(header, row, strict=True))
+        table.append(dict(zip(header, row, strict=True)))
+    return table
+
+
+def parse_query_gpu_csv(text: str) -> list[GpuInfo]:
+    """Rows of `nvidia-smi --query-gpu=... --format=csv` (with its header). Columns are found by name, units in
+    brackets stripped (`memory.total [MiB]`), so the full ~210-column capture parses the same as our query."""
+    gpus = []
+    for values in _query_csv(text, ("index", "name", "uuid", "driver_version")):
         gpus.append(GpuInfo(
             index=int(values["index"]),
             name=values["name"].strip(),
@@ -207,18 +215,8 @@ class MemoryHealth:
 
 def parse_memory_health_csv(text: str) -> list[MemoryHealth]:
     """Rows of `nvidia-smi --query-gpu=<MEMORY_HEALTH_FIELDS> --format=csv`, columns found by name."""
-    rows = [r for r in csv.reader(io.StringIO(text.strip()), skipinitialspace=True) if r]
-    if not rows:
-        raise ValueError("nvidia-smi printed nothing")
-    header = [h.split(" [")[0].strip() for h in rows[0]]
-    missing = [f for f in MEMORY_HEALTH_FIELDS if f not in header]
-    if missing:
-        raise ValueError(f"nvidia-smi output has no {', '.join(missing)} column")
     found = []
-    for number, row in enumerate(rows[1:], start=2):
-        if len(row) != len(header):
-            raise ValueError(f"nvidia-smi CSV line {number} has {len(row)} fields, the header {len(header)}")
-        values = dict(zip(header, row, strict=True))
+    for values in _query_csv(text, MEMORY_HEALTH_FIELDS):
         count = _na(values["ecc.errors.uncorrected.volatile.total"])
         found.append(MemoryHealth(
             index=int(values["index"]),
