@@ -254,7 +254,7 @@ class TestPages:
             Action.CORDON_GPU, 15, operator, CATALOG[13].title)
 
     def test_a_viewer_and_a_tenant_cannot_change_the_policy_or_cordons(self, client, fleet):
-        node, _cred, _uuids, gpus, tenant, admin, _allocation = fleet
+        node, _cred, _uuids, gpus, _tenant, admin, _allocation = fleet
         cordon = cordon_open(node=node, gpu=gpus[0], at=timezone.now(), reason="check")
         for user in (ViewerFactory(), admin):
             client.force_login(user)
