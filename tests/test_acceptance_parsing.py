@@ -6,10 +6,15 @@ import csv
 import io
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
-from portal.provisioning.parsing import MEMORY_HEALTH_FIELDS, MemoryHealth, parse_memory_health_csv
+from portal.provisioning.parsing import (
+    MEMORY_HEALTH_FIELDS,
+    MemoryHealth,
+    parse_memory_health_csv,
+    parse_query_gpu_csv,
+)
 from tests import FIXTURES
 
 CAPTURES = sorted(p.name for p in FIXTURES.glob("nvidia_smi_query_gpu_csv_*.txt"))
@@ -56,7 +61,15 @@ def test_it_refuses_output_that_is_not_the_query():
         parse_memory_health_csv(f"{header}\n0, 0\n")
 
 
-@given(st.text())
-def test_any_text_raises_nothing_but_value_error(text):
+@pytest.mark.parametrize("parse", [parse_memory_health_csv, parse_query_gpu_csv])
+@given(text=st.text())
+@example(text="a\rb\n")  # a bare CR inside a line once escaped as csv.Error
+def test_any_text_raises_nothing_but_value_error(parse, text):
     with contextlib.suppress(ValueError):
-        parse_memory_health_csv(text)
+        parse(text)
+
+
+def test_crlf_output_reads_as_the_capture():
+    text = (FIXTURES / CAPTURES[0]).read_text()
+    assert parse_memory_health_csv(text.replace("\n", "\r\n")) == parse_memory_health_csv(text)
+    assert parse_query_gpu_csv(text.replace("\n", "\r\n")) == parse_query_gpu_csv(text)

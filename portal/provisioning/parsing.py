@@ -3,7 +3,6 @@
 import base64
 import csv
 import hashlib
-import io
 import ipaddress
 import re
 import shlex
@@ -151,7 +150,11 @@ def _enabled(value: str) -> bool | None:
 def _query_csv(text: str, required: tuple[str, ...]) -> list[dict[str, str]]:
     """The rows of `nvidia-smi --query-gpu=... --format=csv` by column name (units in brackets stripped, so the
     full ~210-column capture reads the same as our queries); ValueError naming what is missing or malformed."""
-    rows = [r for r in csv.reader(io.StringIO(text.strip()), skipinitialspace=True) if r]
+    try:
+        # By lines, so output relayed with CR-LF line ends reads the same.
+        rows = [r for r in csv.reader(text.strip().splitlines(), skipinitialspace=True) if r]
+    except csv.Error as exc:
+        raise ValueError(f"nvidia-smi output is not CSV: {exc}") from None
     if not rows:
         raise ValueError("nvidia-smi printed nothing")
     header = [h.split(" [")[0].strip() for h in rows[0]]
