@@ -12,7 +12,8 @@ from decimal import Decimal
 from portal.fleet.models import Site
 
 HOURS_PER_MONTH = Decimal("730.5")
-MJ_PER_KWH = Decimal(3_600_000_000)
+MJ_PER_KWH = Decimal(3_600_000_000)  # millijoules, as NVML counts energy
+JOULES_PER_KWH = Decimal(3_600_000)
 MILLION = Decimal(1_000_000)
 ZERO = Decimal(0)
 

@@ -17,7 +17,7 @@ from django.utils import timezone
 from portal.capacity.models import Allocation, Deployment
 from portal.capacity.selectors import last_complete_minute, usage_tiers
 from portal.economics.attribution import Reading, attribute
-from portal.economics.costmodel import CAPACITY_FIELDS, MILLION, ZERO
+from portal.economics.costmodel import CAPACITY_FIELDS, JOULES_PER_KWH, MILLION, ZERO
 from portal.economics.models import CostHour, DeploymentDay, DeploymentHour
 from portal.fleet.models import Node, Site
 from portal.fleet.selectors import gpus_on_books
@@ -43,6 +43,7 @@ class Cost:
     gpu_hours: Decimal = ZERO
     busy_gpu_hours: Decimal = ZERO
     energy_kwh: Decimal = ZERO
+    output_tokens: int = 0  # of `tokens`, the generated (decode) ones
 
     @property
     def total(self) -> Decimal:
@@ -61,6 +62,21 @@ class Cost:
         return (self.total / self.tokens * MILLION).quantize(Decimal("0.0001"))
 
     @property
+    def kwh_per_million_tokens(self) -> Decimal | None:
+        """The GPUs' measured energy (NVML's counter, or power integrated) per million tokens, input and output;
+        the facility's is this x the site's PUE."""
+        if not self.tokens:
+            return None
+        return (self.energy_kwh / self.tokens * MILLION).quantize(Decimal("0.0001"))
+
+    @property
+    def joules_per_output_token(self) -> Decimal | None:
+        """The same energy per generated token, as energy-per-token benchmarks report it."""
+        if not self.output_tokens:
+            return None
+        return (self.energy_kwh * JOULES_PER_KWH / self.output_tokens).quantize(Decimal("0.0001"))
+
+    @property
     def tokens_per_unit(self) -> int | None:
         """Tokens per unit of currency (per dollar for USD)."""
         total = self.total
@@ -72,15 +88,17 @@ class Cost:
 
     def add(self, other: "Cost") -> None:
         assert other.currency == self.currency
-        for name in ("capex", "energy", "opex", "idle", "tokens", "gpu_hours", "busy_gpu_hours", "energy_kwh"):
+        for name in ("capex", "energy", "opex", "idle", "tokens", "gpu_hours", "busy_gpu_hours", "energy_kwh",
+                     "output_tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
-def cost_of(currency: str, sums: dict, *, idle: Decimal = ZERO, tokens: int = 0) -> Cost:
+def cost_of(currency: str, sums: dict, *, idle: Decimal = ZERO, tokens: int = 0, output_tokens: int = 0) -> Cost:
     """A Cost from the attributed-cost sums (COST_SUMS' names)."""
     return Cost(currency=currency, capex=sums["capex"] or ZERO, energy=sums["energy"] or ZERO,
                 opex=sums["opex"] or ZERO, idle=idle, tokens=tokens, gpu_hours=sums["gpu_hours"] or ZERO,
-                busy_gpu_hours=sums["busy_gpu_hours"] or ZERO, energy_kwh=sums["energy_kwh"] or ZERO)
+                busy_gpu_hours=sums["busy_gpu_hours"] or ZERO, energy_kwh=sums["energy_kwh"] or ZERO,
+                output_tokens=output_tokens)
 
 
 def attribution_inputs(*, start: datetime, end: datetime, node_id: int | None = None) -> dict:
@@ -118,10 +136,11 @@ def site_costs(*, start: datetime, end: datetime, site_ids: list[int] | None = N
     the database (every GPU-hour on the books, silent hours included), and the tokens its endpoints served."""
     sites = {s.pk: s for s in Site.objects.filter(**({"pk__in": site_ids} if site_ids else {}))}
     out = {pk: SitePeriod(site=s, cost=Cost(currency=s.currency)) for pk, s in sites.items()}
-    tokens = {(r["site_id"], r["day"]): r["tokens"] for r in (
+    tokens = {(r["site_id"], r["day"]): (r["tokens"], r["output"]) for r in (
         SiteHour.objects.filter(site_id__in=sites, ts__gte=start, ts__lt=end)
         .annotate(day=TruncDay("ts", tzinfo=UTC)).values("site_id", "day")
-        .annotate(tokens=Sum(F("prompt_tokens") + F("generation_tokens"))).order_by())}
+        .annotate(tokens=Sum(F("prompt_tokens") + F("generation_tokens")), output=Sum("generation_tokens"))
+        .order_by())}
     rows = (CostHour.objects.filter(site_id__in=sites, ts__gte=start, ts__lt=end)
             .annotate(day=TruncDay("ts", tzinfo=UTC)).values("site_id", "day")
             # (the idle sums first: afterwards the cost sums' names shadow the columns)
@@ -132,7 +151,8 @@ def site_costs(*, start: datetime, end: datetime, site_ids: list[int] | None = N
         period = out[row["site_id"]]
         key = (row["site_id"], row["day"])
         idle = sum((row[f"idle_{name}"] or ZERO for name in ("capex", "opex", "energy")), ZERO)
-        cost = cost_of(period.site.currency, row, idle=idle, tokens=tokens.get(key) or 0)
+        served, output = tokens.get(key) or (0, 0)
+        cost = cost_of(period.site.currency, row, idle=idle, tokens=served or 0, output_tokens=output or 0)
         period.cost.add(cost)
         period.daily.append((row["day"], cost))
     return sorted(out.values(), key=lambda p: p.site.name)
@@ -193,7 +213,8 @@ def node_cost(*, node: Node, start: datetime, end: datetime, through: datetime |
     first, last = day_ceil(start), day_floor(end)
     days = [first + DAY * i for i in range((last - first) // DAY)] if first < last else []
     versions = cache.get_many([attribution_version_key(day) for day in days])
-    keys = {day: f"economics:node-day:{node.pk}:{day:%Y%m%d}:{versions.get(attribution_version_key(day), 0)}"
+    # v2: the kept days carry their output tokens too (energy per token).
+    keys = {day: f"economics:node-day:v2:{node.pk}:{day:%Y%m%d}:{versions.get(attribution_version_key(day), 0)}"
             for day in days}
     known = cache.get_many(list(keys.values()))
     missing = [day for day, key in keys.items() if key not in known]
@@ -230,6 +251,7 @@ def _node_costs_by_day(node: Node, start: datetime, end: datetime, *, now: datet
                   .annotate(day=TruncDay("ts", tzinfo=UTC)).values("day")
                   .annotate(p=Sum("prompt_tokens"), g=Sum("generation_tokens")).order_by()):
             out[r["day"]].tokens += (r["p"] or 0) + (r["g"] or 0)
+            out[r["day"]].output_tokens += r["g"] or 0
     return out
 
 
@@ -276,7 +298,8 @@ class DeploymentCost:
     cost: Cost
 
 
-def deployment_sums(*, start: datetime, end: datetime, group: tuple[str, ...], sums: dict) -> list[dict]:
+def deployment_sums(*, start: datetime, end: datetime, group: tuple[str, ...], sums: dict,
+                    tenant: Tenant | None = None) -> list[dict]:
     """`sums` of the deployment tier over [start, end), grouped by `group` (which may name "day"): whole UTC days
     from DeploymentDay and the partial days at either end from DeploymentHour, so the rows read grow with the
     deployments and days, not hours. Today's day row holds every hour attributed so far: it answers for the end
@@ -284,29 +307,32 @@ def deployment_sums(*, start: datetime, end: datetime, group: tuple[str, ...], s
     callers add them up."""
     first, last = day_ceil(start), day_floor(end)
     if first > last:
-        return _grouped(DeploymentHour, start, end, group, sums)
+        return _grouped(DeploymentHour, start, end, group, sums, tenant)
     if last < end and not DeploymentHour.objects.filter(ts__gte=end, ts__lt=last + DAY).exists():
         last += DAY
-    rows = _grouped(DeploymentDay, first, last, group, sums)
+    rows = _grouped(DeploymentDay, first, last, group, sums, tenant)
     for lo, hi in ((start, first), (last, end)):
         if lo < hi:
-            rows += _grouped(DeploymentHour, lo, hi, group, sums)
+            rows += _grouped(DeploymentHour, lo, hi, group, sums, tenant)
     return rows
 
 
-def _grouped(model, start: datetime, end: datetime, group: tuple[str, ...], sums: dict) -> list[dict]:
+def _grouped(model, start: datetime, end: datetime, group: tuple[str, ...], sums: dict,
+             tenant: Tenant | None) -> list[dict]:
     rows = model.objects.filter(ts__gte=start, ts__lt=end)
+    if tenant is not None:
+        rows = rows.filter(deployment__tenant=tenant)
     if "day" in group:
         rows = rows.annotate(day=TruncDay("ts", tzinfo=UTC))
     return list(rows.values(*group).annotate(**sums).order_by())
 
 
-def deployment_costs(*, start: datetime, end: datetime) -> list[DeploymentCost]:
-    """Every deployment's tokens and the cost of the capacity its units held over the period, from the daily and
-    hourly attribution tiers (grouped by deployment alone: joining first would multiply the work by the rows
-    scanned); the model, tenant and deployment views are all sums of these."""
+def deployment_costs(*, start: datetime, end: datetime, tenant: Tenant | None = None) -> list[DeploymentCost]:
+    """Every deployment's (or one tenant's deployments') tokens and the cost of the capacity its units held over
+    the period, from the daily and hourly attribution tiers (grouped by deployment alone: joining first would
+    multiply the work by the rows scanned); the model, tenant and deployment views are all sums of these."""
     sums: dict[int, dict] = {}
-    for row in deployment_sums(start=start, end=end, group=("deployment_id",), sums=_HOUR_SUMS):
+    for row in deployment_sums(start=start, end=end, group=("deployment_id",), sums=_HOUR_SUMS, tenant=tenant):
         total = sums.setdefault(row["deployment_id"], dict.fromkeys(_HOUR_SUMS, 0))
         for name in _HOUR_SUMS:
             total[name] += row[name]
@@ -314,7 +340,8 @@ def deployment_costs(*, start: datetime, end: datetime) -> list[DeploymentCost]:
         "pk", "model_name", "tenant_id", "node__site_id", "node__site__currency")
     return [DeploymentCost(deployment_id=pk, model_name=model, tenant_id=tenant, site_id=site,
                            cost=cost_of(currency, sums[pk], tokens=sums[pk]["prompt_tokens"] + sums[pk][
-                               "generation_tokens"])) for pk, model, tenant, site, currency in facts]
+                               "generation_tokens"], output_tokens=sums[pk]["generation_tokens"]))
+            for pk, model, tenant, site, currency in facts]
 
 
 def deployment_ranking(*, costs: list[DeploymentCost], limit: int | None = None) -> list[DeploymentLine]:
@@ -332,6 +359,12 @@ def model_economics(*, costs: list[DeploymentCost]) -> list[tuple[str, Cost]]:
     return sorted(((name, cost) for (name, _currency), cost in models.items()), key=lambda item: item[0])
 
 
+def tenant_energy(*, tenant: Tenant, start: datetime, end: datetime) -> list[tuple[str, Cost]]:
+    """The tenant's own deployments per model: tokens and the measured GPU energy of the units they held (MIG:
+    slices ÷ 7), for the tenant portal's energy per token. Only energy and tokens are shown there, not cost."""
+    return model_economics(costs=deployment_costs(start=start, end=end, tenant=tenant))
+
+
 def tenant_economics(*, start: datetime, end: datetime, costs: list[DeploymentCost]) -> list[
         tuple[Tenant | None, Site, Cost]]:
     """Per tenant (and idle capacity) and site: attributed cost, tokens served there, cost per million tokens."""
@@ -339,11 +372,14 @@ def tenant_economics(*, start: datetime, end: datetime, costs: list[DeploymentCo
     tenants = {t.pk: t for t in Tenant.objects.filter(pk__in={k[1] for k in attributed if k[1]})}
     sites = {s.pk: s for s in Site.objects.all()}
     tokens: dict[tuple[int, int], int] = defaultdict(int)
+    output: dict[tuple[int, int], int] = defaultdict(int)
     for c in costs:
         tokens[(c.site_id, c.tenant_id)] += c.cost.tokens
+        output[(c.site_id, c.tenant_id)] += c.cost.output_tokens
     out = []
     for (site_id, tenant_id), cost in attributed.items():
         if tenant_id is not None:
             cost.tokens = tokens.get((site_id, tenant_id), 0)
+            cost.output_tokens = output.get((site_id, tenant_id), 0)
         out.append((tenants.get(tenant_id), sites[site_id], cost))
     return sorted(out, key=lambda row: (row[1].name, row[0] is None, row[0].name if row[0] else ""))

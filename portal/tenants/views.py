@@ -10,6 +10,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from portal.accounts.access import authenticated
+from portal.economics.selectors import tenant_energy
 from portal.health.selectors import notices_for_tenant
 from portal.params import query_params
 from portal.tenants.access import tenant_admin_required, tenant_required
@@ -17,6 +18,7 @@ from portal.tenants.charts import usage_by_day_chart
 from portal.tenants.forms import ApiKeyForm, CapacityRequestForm, InviteForm, RoleForm, UsageRangeForm
 from portal.tenants.models import Membership
 from portal.tenants.selectors import (
+    day_range,
     deployment_health,
     deployment_usage_by_day,
     fleet_gpu_types,
@@ -72,7 +74,9 @@ def usage(request: HttpRequest, membership: Membership) -> HttpResponse:
     end = timezone.now().date()
     start = end - timedelta(days=days - 1)
     lines = tenant_usage_by_day(tenant=membership.tenant, start=start, end=end)
+    lo, hi = day_range(start, end)
     return _page(request, membership, "tenants/usage.html", {
+        "energy": tenant_energy(tenant=membership.tenant, start=lo, end=min(hi, timezone.now())),
         "days": days, "start": start, "end": end, "lines": lines, "totals": totals_by_model(lines),
         "chart": usage_by_day_chart(lines, start=start, end=end), "ranges": UsageRangeForm.base_fields["days"].choices,
     })
