@@ -198,12 +198,20 @@ def nodes_plan(*, site: Site, hostnames: list[str], gpu_model: str, gpus: int, a
     nodes = []
     with transaction.atomic():
         for hostname in hostnames:
-            node = Node.objects.create(site=site, hostname=hostname, lifecycle=NodeLifecycle.PLANNED,
-                                       planned_gpu_model=gpu_model, planned_gpus=gpus, installed_at=at)
-            NodeLifecycleChange.objects.create(node=node, lifecycle=NodeLifecycle.PLANNED, at=at,
-                                               reason=f"planned: {gpus} x {gpu_model}", by=by)
-            nodes.append(node)
+            nodes.append(node_expect(site=site, hostname=hostname, lifecycle=NodeLifecycle.PLANNED, at=at, by=by,
+                                     reason=f"planned: {gpus} x {gpu_model}", planned_gpu_model=gpu_model,
+                                     planned_gpus=gpus))
     return nodes
+
+
+def node_expect(*, site: Site, hostname: str, lifecycle: str, at: datetime, reason: str, by: User | None,
+                planned_gpu_model: str = "", planned_gpus: int | None = None) -> Node:
+    """A node the portal knows of before it enrolls (planned, or being provisioned), with its first dated
+    lifecycle change."""
+    node = Node.objects.create(site=site, hostname=hostname, lifecycle=lifecycle, installed_at=at,
+                               planned_gpu_model=planned_gpu_model, planned_gpus=planned_gpus)
+    NodeLifecycleChange.objects.create(node=node, lifecycle=lifecycle, at=at, reason=reason[:300], by=by)
+    return node
 
 
 def node_retire(*, node: Node, at: datetime) -> None:

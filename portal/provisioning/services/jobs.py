@@ -16,8 +16,8 @@ from django.utils import timezone
 
 from portal.accounts.models import User
 from portal.audit.services import audit_record
-from portal.fleet.models import Node, NodeLifecycle, NodeLifecycleChange, NodeStatus, Site
-from portal.fleet.services import node_lifecycle_set
+from portal.fleet.models import Node, NodeLifecycle, NodeStatus, Site
+from portal.fleet.services import node_expect, node_lifecycle_set
 from portal.provisioning import ssh
 from portal.provisioning.models import (
     ACTIVE_STATUSES,
@@ -81,11 +81,8 @@ def jobs_create(
 def _node_to_provision(*, site: Site, hostname: str, at: datetime, by: User | None) -> Node:
     node = Node.objects.filter(site=site, hostname=hostname).first()
     if node is None:
-        node = Node.objects.create(site=site, hostname=hostname, lifecycle=NodeLifecycle.PROVISIONING,
-                                   installed_at=at)
-        NodeLifecycleChange.objects.create(node=node, lifecycle=NodeLifecycle.PROVISIONING, at=at, by=by,
-                                           reason="provisioning job created")
-        return node
+        return node_expect(site=site, hostname=hostname, lifecycle=NodeLifecycle.PROVISIONING, at=at, by=by,
+                           reason="provisioning job created")
     if node.lifecycle == NodeLifecycle.RETIRED:
         raise ProvisioningError(f"{hostname} was decommissioned; provision the machine under a new hostname")
     node_lifecycle_set(node=node, lifecycle=NodeLifecycle.PROVISIONING, at=at, by=by,
