@@ -1,4 +1,4 @@
-"""Software baseline and version drift: numeric version comparison, the drift page and the baseline's history."""
+"""The certified stack and version drift: numeric version comparison, the drift page and the stack's history."""
 
 import pytest
 from django.db import connection
@@ -7,13 +7,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from portal.fleet.models import NodeStatus, ServingEndpoint
-from portal.standards.models import Baseline
+from portal.standards.models import CertifiedStack
 from portal.standards.services import baseline_set
 from portal.standards.versions import compare, drift, parse_version
 from tests.conftest import bad_parameters
 from tests.factories import PASSWORD, NodeFactory, OperatorFactory, SiteFactory, ViewerFactory
 
-BASELINE = {"driver_version": "590.48.01", "cuda_driver_version": "13.1", "vllm_version": "0.11.0",
+BASELINE = {"name": "2026.12", "driver_version": "590.48.01", "cuda_driver_version": "13.1", "vllm_version": "0.11.0",
             "sglang_version": "0.4.6"}
 ON_BASELINE = {"driver_version": "590.48.01", "cuda_driver_version": "13.1"}
 
@@ -80,7 +80,7 @@ def endpoint(node, engine: str, version: str, port: int = 8000) -> ServingEndpoi
 
 
 def drift_rows(response) -> dict[str, dict[str, str]]:
-    return {nd.node.hostname: {c.component: c.label for c in nd.off} for nd in response.context["drift"].off_baseline}
+    return {nd.node.hostname: {c.component: c.label for c in nd.off} for nd in response.context["drift"].off_stack}
 
 
 @pytest.mark.django_db
@@ -101,7 +101,7 @@ class TestDriftPage:
         NodeFactory(site=fra, hostname="fra-99", status=NodeStatus.DECOMMISSIONED, driver_version="470.1.1")
         return {"iad": iad, "fra": fra, "good": good, "old": old, "engines": engines, "ahead": ahead}
 
-    def test_it_lists_nodes_off_baseline_and_by_how_much(self, operator_client, fleet):
+    def test_it_lists_nodes_off_the_stack_and_by_how_much(self, operator_client, fleet):
         response = operator_client.get("/standards/drift/")
         assert response.status_code == 200
         assert drift_rows(response) == {
@@ -130,11 +130,11 @@ class TestDriftPage:
     def test_it_400s_an_unknown_site(self, operator_client, site):
         assert bad_parameters(operator_client.get(f"/standards/drift/?site={site}")) == {"site"}
 
-    def test_it_says_when_no_baseline_is_set(self, operator_client):
+    def test_it_says_when_no_stack_is_set(self, operator_client):
         NodeFactory(driver_version="550.127.05")
         response = operator_client.get("/standards/drift/")
-        assert response.context["drift"].baseline is None
-        assert "No baseline is set" in response.content.decode()
+        assert response.context["drift"].stack is None
+        assert "No certified stack is set" in response.content.decode()
 
     def test_it_uses_the_same_queries_whatever_the_fleet_size(self, operator_client):
         baseline_set(by=None, **BASELINE)
@@ -155,24 +155,24 @@ class TestDriftPage:
         small = queries()
         grow(18)
         response = operator_client.get("/standards/drift/")
-        assert len(response.context["drift"].off_baseline) == 20
+        assert len(response.context["drift"].off_stack) == 20
         assert queries() == small
 
 
 @pytest.mark.django_db
-class TestBaseline:
+class TestStack:
     def test_it_keeps_history_and_puts_the_newest_in_force(self, operator_client):
         node = NodeFactory(driver_version="550.127.05", cuda_driver_version="12.4")
-        response = operator_client.post("/standards/baseline/", {"driver_version": "550.127.05", "note": "first"})
+        response = operator_client.post("/standards/stack/", {"name": "2026.09", "driver_version": "550.127.05",
+                                                              "note": "first"})
         assert response.status_code == 302 and response["Location"] == "/standards/drift/"
-        response = operator_client.post("/standards/baseline/", {
-            **BASELINE, "note": "CHG-1234 driver 590"})
+        response = operator_client.post("/standards/stack/", {**BASELINE, "note": "CHG-1234 driver 590"})
         assert response.status_code == 302
-        history = list(Baseline.objects.order_by("-created_at", "-pk"))
+        history = list(CertifiedStack.objects.order_by("-created_at", "-pk"))
         assert [b.note for b in history] == ["CHG-1234 driver 590", "first"]
         assert all(b.created_by.username == "olivia" for b in history)
         page = operator_client.get("/standards/")
-        assert page.context["baseline"] == history[0]
+        assert page.context["stack"] == history[0]
         assert page.context["form"].initial["driver_version"] == "590.48.01"
         html = page.content.decode()
         assert "CHG-1234 driver 590" in html and "first" in html and "in force" in html
@@ -186,21 +186,21 @@ class TestBaseline:
         ({"cuda_driver_version": "13..1"}, "cuda_driver_version", "Enter a dotted numeric version"),
         ({}, "driver_version", "Pin at least one version"),
     ])
-    def test_it_rejects_a_bad_baseline_naming_the_field(self, operator_client, data, field, message):
-        response = operator_client.post("/standards/baseline/", data)
+    def test_it_rejects_a_bad_stack_naming_the_field(self, operator_client, data, field, message):
+        response = operator_client.post("/standards/stack/", {"name": "2026.12", **data})
         assert response.status_code == 400
         errors = response.context["form"].errors
         assert list(errors) == [field] and message in errors[field][0]
         assert message in response.content.decode()
-        assert not Baseline.objects.exists()
+        assert not CertifiedStack.objects.exists()
 
-    def test_it_lets_viewers_read_but_not_set_the_baseline(self, client, db):
+    def test_it_lets_viewers_read_but_not_set_the_stack(self, client, db):
         ViewerFactory(username="victor")
         client.login(username="victor", password=PASSWORD)
-        baseline_set(by=None, driver_version="590.48.01")
+        baseline_set(by=None, name="2026.12", driver_version="590.48.01")
         page = client.get("/standards/")
         assert page.status_code == 200 and "590.48.01" in page.content.decode()
         assert "Put in force" not in page.content.decode()
         assert client.get("/standards/drift/").status_code == 200
-        assert client.post("/standards/baseline/", {"driver_version": "1.0"}).status_code == 403
-        assert Baseline.objects.count() == 1
+        assert client.post("/standards/stack/", {"name": "x", "driver_version": "1.0"}).status_code == 403
+        assert CertifiedStack.objects.count() == 1

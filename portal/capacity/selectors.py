@@ -14,6 +14,7 @@ from portal.fleet.models import Gpu, MigInstance, Node, NodeLifecycle, NodeStatu
 from portal.health.models import Cordon
 from portal.health.selectors import Cordoned, cordoned, open_cordons
 from portal.hours import day_floor, hour_ceil, hour_floor
+from portal.standards.selectors import nodes_excluded
 from portal.telemetry.models import UsageHour, UsageMinute
 from portal.tenants.models import Tenant
 
@@ -197,9 +198,9 @@ class Proposal:
 
 def placement_propose(*, gpu_type: str, count: int, mig_profile: str = "", starts_at: datetime,
                       ends_at: datetime | None = None) -> list[Proposal]:
-    """Free units matching the request on sellable nodes, none of them cordoned, preferring nodes that are already
-    partly allocated (fill them before opening empty ones), then the fullest first. Fewer than `count` when the
-    fleet cannot serve it."""
+    """Free units matching the request on sellable nodes, none of them cordoned nor kept out by the certified stack's
+    placement policy (standards.selectors.nodes_excluded), preferring nodes that are already partly allocated (fill
+    them before opening empty ones), then the fullest first. Fewer than `count` when the fleet cannot serve it."""
     busy = Allocation.objects.filter(starts_at__lt=ends_at or datetime.max.replace(tzinfo=starts_at.tzinfo)).filter(
         Q(ends_at__isnull=True) | Q(ends_at__gt=starts_at))
     taken: dict[int, list[tuple[int, int]]] = defaultdict(list)
@@ -208,6 +209,8 @@ def placement_propose(*, gpu_type: str, count: int, mig_profile: str = "", start
     gpus = list(Gpu.objects.filter(name=gpu_type, node__status=NodeStatus.ONLINE,
                                    node__lifecycle=NodeLifecycle.SELLABLE, retired_at__isnull=True)
                 .select_related("node").prefetch_related("mig_instances").order_by("node__hostname", "index"))
+    off_stack = nodes_excluded(node_ids=list({g.node_id for g in gpus}))
+    gpus = [g for g in gpus if g.node_id not in off_stack]
     out = cordoned(node_ids=list({g.node_id for g in gpus}))
     used_per_node: dict[int, int] = defaultdict(int)
     for gpu in gpus:

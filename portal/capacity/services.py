@@ -19,6 +19,7 @@ from portal.economics.reattribution import reattribution_request
 from portal.fleet.models import Gpu, MigInstance, Node, NodeLifecycle, ScrapeTarget
 from portal.fleet.services import node_set_scrape_targets
 from portal.health.selectors import cordoned
+from portal.standards.selectors import nodes_excluded
 from portal.tenants.models import Tenant, TenantStatus
 
 
@@ -40,6 +41,7 @@ def allocation_create(
         raise CapacityError("That MIG instance is not on the chosen GPU.")
     _check_on_books(gpu, starts_at, ends_at)
     _check_sellable(gpu, mig_instance, ends_at)
+    _check_certified(gpu, ends_at)
     slots = (mig_instance.gi_id, mig_instance.gi_id + 1) if mig_instance else WHOLE_GPU_SLOTS
     unit = f"MIG {mig_instance.profile} (GI {mig_instance.gi_id})" if mig_instance else "the whole GPU"
     try:
@@ -75,6 +77,17 @@ def _check_sellable(gpu: Gpu, mig_instance: MigInstance | None, ends_at: datetim
     mig_ids = [mig_instance.pk] if mig_instance else list(gpu.mig_instances.values_list("pk", flat=True))
     if out.blocks_gpu_anywhere(node_id=node.pk, gpu_id=gpu.pk, mig_ids=mig_ids):
         raise CapacityError(f"GPU {gpu.index} on {node} is cordoned by a health incident: choose another unit.")
+
+
+def _check_certified(gpu: Gpu, ends_at: datetime | None) -> None:
+    """Where the placement policy excludes nodes off the certified stack, a new allocation that holds a unit from
+    now on is refused on one; the past is not judged by today's stack (as in _check_sellable)."""
+    if ends_at is not None and ends_at <= timezone.now():
+        return
+    off = nodes_excluded(node_ids=[gpu.node_id]).get(gpu.node_id)
+    if off is not None:
+        raise CapacityError(f"{gpu.node} is off the certified stack {off.stack.name} ({off.summary}): the placement "
+                            "policy excludes it from new allocations, so choose another unit.")
 
 
 def _check_on_books(gpu: Gpu, starts_at: datetime, ends_at: datetime | None) -> None:

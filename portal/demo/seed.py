@@ -23,6 +23,7 @@ from portal.capacity.services import allocation_create, deployment_create, deplo
 from portal.demo.billing_seed import seed_billing
 from portal.demo.bringup_seed import seed_bringup, seed_cordoned_gpu
 from portal.demo.history import SIM_SEED, NodePlan, plan_nodes, write_history
+from portal.demo.stack_seed import seed_stack
 from portal.demo.tenants_seed import seed_tenants
 from portal.economics.models import PendingAttribution
 from portal.economics.services import cost_hours_attribute
@@ -40,7 +41,6 @@ from portal.fleet.models import (
 from portal.fleet.services import node_credential_issue
 from portal.health.catalog import CATALOG
 from portal.hours import hour_floor
-from portal.standards.services import baseline_set
 from portal.telemetry.models import RollupWatermark
 from portal.telemetry.rollups import rollup_site_hours
 from portal.tenants.models import MemberRole, Membership, Tenant, TenantStatus
@@ -142,9 +142,7 @@ def seed_demo(*, now: datetime | None = None, days: int = 30, minute_hours: int 
             quota_set(tenant=tenants[slug], tokens_per_minute=tokens_per_minute, gpus=gpus)
         seed_tenants(tenants=tenants, now=now)
         seed_billing(now=now, history_since=history_start(now, days))
-        baseline_set(by=people[0], driver_version="590.48.01", cuda_driver_version="13.1",
-                     note="Q4 fleet standard", now=now - timedelta(days=20), **{
-                         f"{engine}_version": version for engine, version in VERSIONS.items()})
+        seed_stack(operator=people[0], now=now)
         seed_cordoned_gpu(now=now)
         fra = sites["fra-1"]
         arrived = seed_bringup(

@@ -5,7 +5,8 @@ from portal.standards import views
 app_name = "standards"
 
 urlpatterns = [
-    path("", views.baseline_page, name="baseline"),
-    path("baseline/", views.baseline_save, name="baseline_save"),
+    path("", views.stack_page, name="stack"),
+    path("stack/", views.stack_save, name="stack_save"),
+    path("policy/", views.policy_save, name="policy_save"),
     path("drift/", views.drift_page, name="drift"),
 ]
