@@ -196,13 +196,25 @@ class NvmlCollector:
         return f"{v // 1000}.{(v % 1000) // 10}"
 
     def _cc_mode(self) -> str | None:
+        """The confidential-computing mode: the system's (nvmlSystemGetConfComputeState: it applies to every GPU of
+        the host; NVML has no per-device mode), then, while CC is on, the GPUs' own state where the driver reports
+        it (nvmlSystemGetConfComputeGpusReadyState: a CC GPU refuses work until attested and set ready). None where
+        the driver has no CC support."""
         try:
             state = self.nv.nvmlSystemGetConfComputeState()
         except (self._E, AttributeError):
             return None
         if getattr(state, "devToolsMode", 0):
-            return "devtools"
-        return "on" if getattr(state, "ccFeature", 0) else "off"
+            mode = "devtools"
+        elif getattr(state, "ccFeature", 0):
+            mode = "on"
+        else:
+            return "off"
+        try:
+            ready = self.nv.nvmlSystemGetConfComputeGpusReadyState()
+        except (self._E, AttributeError):
+            return mode
+        return mode if ready else f"{mode}, GPUs not ready"
 
     def _call(self, gpu: _Gpu, name: str, fn, *args):
         if name in gpu.unsupported:
@@ -302,6 +314,7 @@ class NvmlCollector:
     def finish_interval(self, now: float | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Summarise the interval per GPU; returns (GpuIn dicts, HealthEventIn dicts) and resets accumulators."""
         now = time.time() if now is None else now
+        self.cc_mode = self._cc_mode()  # re-read: the GPUs become ready once attested, without a restart
         out = []
         for gpu in self.gpus:
             if gpu.lost:

@@ -76,6 +76,13 @@ XID_RATE_PER_GPU_S = 1.0 / (8 * 4 * 3600)  # an 8-GPU node sees about one XID ev
 CUDA_BY_DRIVER_BRANCH = {"590": 13010, "580": 13000, "570": 12080, "560": 12060, "550": 12040, "535": 12020}
 
 
+def simulated_cc_on(*, seed: int, hostname: str, gpu_model: str, mig: bool) -> bool:
+    """Simulated: whether a node runs in confidential-computing mode. Hopper (H100) has CC and A100 has not; CC on
+    H100 excludes MIG, so it is on for about half of the H100 nodes without MIG, chosen by a stable hash. The
+    demo seed sets Gpu.cc_mode from the same rule."""
+    return gpu_model == "H100" and not mig and stable(seed, hostname, "cc") % 2 == 0
+
+
 def gpu_uuid(hostname: str, index: int) -> str:
     return f"GPU-{uuidlib.uuid5(_NS, f'{hostname}/{index}')}"
 
@@ -178,7 +185,12 @@ class SimNvml:
         return CUDA_BY_DRIVER_BRANCH.get(self.sim.driver_version.split(".")[0], 13010)
 
     def nvmlSystemGetConfComputeState(self):
-        return SimpleNamespace(environment=0, ccFeature=0, devToolsMode=0)
+        on = simulated_cc_on(seed=self.sim.seed, hostname=self.hostname, gpu_model=self.sim.gpu_model,
+                             mig=self.sim.mig)
+        return SimpleNamespace(environment=2 if on else 0, ccFeature=int(on), devToolsMode=0)
+
+    def nvmlSystemGetConfComputeGpusReadyState(self):
+        return self._pynvml.NVML_CC_ACCEPTING_CLIENT_REQUESTS_TRUE  # attested and set ready, as in production
 
     def nvmlDeviceGetCount(self):
         return len(self._gpus)

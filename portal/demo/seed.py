@@ -23,6 +23,7 @@ from portal.capacity.services import allocation_create, deployment_create, deplo
 from portal.demo.billing_seed import seed_billing
 from portal.demo.bringup_seed import seed_bringup, seed_cordoned_gpu
 from portal.demo.history import SIM_SEED, NodePlan, plan_nodes, write_history
+from portal.demo.isolation_seed import seed_isolation
 from portal.demo.stack_seed import seed_stack
 from portal.demo.tenants_seed import seed_tenants
 from portal.economics.models import PendingAttribution
@@ -130,6 +131,7 @@ def seed_demo(*, now: datetime | None = None, days: int = 30, minute_hours: int 
                 nodes.append(_node(site, hostname, model_key, mig, now, installed=history_start(now, days)))
         capacity = _endpoints(nodes, tenants, people[0], now, days)
         _unbillable_pilot(nodes, tenants["initech"], people[0], now, capacity)
+        seed_isolation(nodes=nodes, tenants=tenants, by=people[0], since=history_start(now, days), capacity=capacity)
         plans = plan_nodes(nodes=nodes, capacity=capacity)  # after every allocation and deployment
         hours = write_history(plans=plans, now=now, start=history_start(now, days), minute_hours=minute_hours)
         rollup_site_hours(hours=hours)

@@ -7,6 +7,7 @@ app_name = "onboarding"
 urlpatterns = [
     path("", operator_views.tenant_list, name="list"),
     path("<int:tenant_id>/", operator_views.tenant_detail, name="detail"),
+    path("<int:tenant_id>/isolation/", operator_views.tenant_isolation, name="isolation"),
     path("<int:tenant_id>/approve/", operator_views.approve, name="approve"),
     path("<int:tenant_id>/reject/", operator_views.reject, name="reject"),
     path("<int:tenant_id>/suspend/", operator_views.suspend, name="suspend"),

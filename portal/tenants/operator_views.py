@@ -4,10 +4,13 @@ from django.contrib import messages
 from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from portal.accounts.access import operator_admin_required, operator_required
 from portal.audit.selectors import audit_entries
+from portal.capacity.isolation import isolation_for_tenant, noisy_neighbours, noisy_window
+from portal.capacity.isolation_charts import noisy_neighbours_chart
 from portal.capacity.models import Quota
 from portal.params import query_params
 from portal.tenants.forms import ApproveForm, PlanForm, ReasonForm, TenantFilterForm
@@ -46,6 +49,18 @@ def _detail(request: HttpRequest, tenant: Tenant, *, approve: ApproveForm | None
 @operator_required
 def tenant_detail(request: HttpRequest, tenant_id: int) -> HttpResponse:
     return _detail(request, get_object_or_404(Tenant.objects.select_related("plan"), pk=tenant_id))
+
+
+@operator_required
+def tenant_isolation(request: HttpRequest, tenant_id: int) -> HttpResponse:
+    tenant = get_object_or_404(Tenant, pk=tenant_id)
+    now = timezone.now()
+    start, end = noisy_window(now=now)
+    noisy = noisy_neighbours(tenant=tenant, start=start, end=end, now=now, viewer_is_operator=True)
+    return render(request, "capacity/isolation_operator.html", {
+        "tenant": tenant, "report": isolation_for_tenant(tenant=tenant, now=now, viewer_is_operator=True),
+        "noisy": noisy, "figure": noisy_neighbours_chart(noisy),
+    })
 
 
 def _decide(request: HttpRequest, tenant_id: int, action, done: str, *, with_plan: bool = False,

@@ -23,4 +23,5 @@ urlpatterns = [
     path("<slug:tenant_slug>/capacity/", views.capacity, name="capacity"),
     path("<slug:tenant_slug>/capacity/request/", views.capacity_request_new, name="capacity_request_new"),
     path("<slug:tenant_slug>/capacity/<int:request_id>/", views.capacity_request, name="capacity_request"),
+    path("<slug:tenant_slug>/isolation/", views.isolation, name="isolation"),
 ]

@@ -10,6 +10,8 @@ from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from portal.accounts.access import authenticated
+from portal.capacity.isolation import isolation_for_tenant, noisy_neighbours, noisy_window
+from portal.capacity.isolation_charts import noisy_neighbours_chart
 from portal.economics.selectors import tenant_energy
 from portal.health.selectors import notices_for_tenant
 from portal.params import query_params
@@ -260,3 +262,14 @@ def capacity_request(request: HttpRequest, membership: Membership, request_id: i
     item = get_object_or_404(tenant_requests(tenant=membership.tenant).prefetch_related(
         "allocations__gpu__node", "allocations__mig_instance"), pk=request_id)
     return _page(request, membership, "tenants/capacity_request.html", {"item": item})
+
+
+@tenant_required
+def isolation(request: HttpRequest, membership: Membership) -> HttpResponse:
+    now = timezone.now()
+    start, end = noisy_window(now=now)
+    noisy = noisy_neighbours(tenant=membership.tenant, start=start, end=end, now=now)
+    return _page(request, membership, "capacity/isolation_tenant.html", {
+        "report": isolation_for_tenant(tenant=membership.tenant, now=now, viewer_is_operator=False),
+        "noisy": noisy, "figure": noisy_neighbours_chart(noisy),
+    })
