@@ -101,6 +101,10 @@ VLLM = EngineSpec(
         # V1: inter_token_latency_seconds; V0: time_per_output_token_seconds (same observation, renamed)
         "itl": (("vllm:inter_token_latency_seconds", 1.0), ("vllm:time_per_output_token_seconds", 1.0)),
         "e2e": (("vllm:e2e_request_latency_seconds", 1.0),),
+        # V1's time per request in each phase: their sums split a GPU-hour into prefill and decode
+        # (economics.split).
+        "prefill": (("vllm:request_prefill_time_seconds", 1.0),),
+        "decode": (("vllm:request_decode_time_seconds", 1.0),),
     },
     settings_info=("vllm:cache_config_info",),
 )

@@ -30,7 +30,7 @@ VERSION_RETRY_S = 600.0
 
 COUNTER_FIELDS = ("prompt_tokens", "generation_tokens", "requests_ok", "requests_failed")
 GAUGE_FIELDS = ("running", "waiting", "kv_cache_usage")
-HIST_FIELDS = ("ttft", "itl", "e2e")
+HIST_FIELDS = ("ttft", "itl", "e2e", "prefill", "decode")
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Hist:
 @dataclass
 class ModelReading:
     counters: dict[str, dict[str, float]] = field(default_factory=dict)  # field -> series -> cumulative value
-    hists: dict[str, dict[str, Hist]] = field(default_factory=dict)  # ttft/itl/e2e -> series -> cumulative hist
+    hists: dict[str, dict[str, Hist]] = field(default_factory=dict)  # HIST_FIELDS -> series -> cumulative hist
     gauges: dict[str, float] = field(default_factory=dict)
     settings: dict[str, str] = field(default_factory=dict)
 

@@ -20,7 +20,12 @@ FAILED_SHARE = 0.003
 TTFT_LE = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 ITL_LE = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 E2E_LE = (1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0)
-SIGMA = {"ttft": 0.6, "itl": 0.35, "e2e": 0.5}
+# vLLM V1's request-phase buckets (request_prefill_time_seconds, request_decode_time_seconds in the capture).
+PHASE_LE = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+            480.0, 960.0, 1920.0, 7680.0)
+SIGMA = {"ttft": 0.6, "itl": 0.35, "e2e": 0.5, "prefill": 0.5, "decode": 0.35}
+# Engines that export time per request phase (only vLLM V1 does, of the engines the agent reads).
+PHASE_ENGINES = frozenset({"vllm"})
 
 
 def stable(*parts: object) -> int:
@@ -101,6 +106,21 @@ class EndpointProfile:
 
     def e2e_median(self, load: float) -> float:
         return self.ttft_median(load) + self.itl_median(load) * GEN_TOKENS_PER_REQUEST
+
+    def prefill_median(self, load: float) -> float:
+        """The compute part of the time to first token (the rest is queueing): longer prompts take longer."""
+        return self.ttft_base_s * (0.4 + 0.2 * self.prompt_ratio) * (1.0 + load)
+
+    def decode_median(self, load: float) -> float:
+        return self.itl_median(load) * GEN_TOKENS_PER_REQUEST
+
+    def medians(self, load: float, *, phases: bool) -> dict[str, tuple[tuple[float, ...], float]]:
+        """Each histogram the endpoint exports: its bounds and median latency at `load`."""
+        out = {"ttft": (TTFT_LE, self.ttft_median(load)), "itl": (ITL_LE, self.itl_median(load)),
+               "e2e": (E2E_LE, self.e2e_median(load))}
+        if phases:
+            out |= {"prefill": (PHASE_LE, self.prefill_median(load)), "decode": (PHASE_LE, self.decode_median(load))}
+        return out
 
 
 def endpoint_profile(seed: int, hostname: str, url: str, capacity_tps: float | None = None) -> EndpointProfile:

@@ -20,12 +20,10 @@ from agents.config import SimulateConfig, Target
 from agents.engine_specs import DIALECTS
 from agents.engines import EndpointReading, Hist, ModelReading
 from agents.loadmodel import (
-    E2E_LE,
     FAILED_SHARE,
     GEN_TOKENS_PER_REQUEST,
-    ITL_LE,
+    PHASE_ENGINES,
     SIGMA,
-    TTFT_LE,
     LoadCurve,
     endpoint_profile,
     gpu_factor,
@@ -386,9 +384,7 @@ class SimEngines:
         prev = self.state.get(key)
         if prev is None:  # an engine that has been running for a while before the agent saw it
             gen0 = random.Random(stable(self.sim.seed, self.hostname, target.url)).randrange(10**6, 10**8)
-            prev = {"p": gen0 * 3, "g": gen0, "ok": gen0 // GEN_TOKENS_PER_REQUEST, "fail": gen0 // 40000,
-                    "ttft": [[0] * (len(TTFT_LE) + 1), 0.0], "itl": [[0] * (len(ITL_LE) + 1), 0.0],
-                    "e2e": [[0] * (len(E2E_LE) + 1), 0.0]}
+            prev = {"p": gen0 * 3, "g": gen0, "ok": gen0 // GEN_TOKENS_PER_REQUEST, "fail": gen0 // 40000}
         last_t = self.state.get(f"sim|t|{key}", now - 1.0)
         dt = max(0.0, min(now - last_t, 60.0))  # a stopped agent's simulated engines idle
         load = self.load(now)
@@ -398,12 +394,13 @@ class SimEngines:
         reqs = gen // GEN_TOKENS_PER_REQUEST
         failed = sum(1 for _ in range(min(reqs, 2000)) if rng.random() < FAILED_SHARE)
         ttft_med, itl_med = profile.ttft_median(load), profile.itl_median(load)
-        new = {name: prev[name] for name in ("p", "g", "ok", "fail", "ttft", "itl", "e2e")}
+        new = dict(prev)
         new.update(p=prev["p"] + prompt, g=prev["g"] + gen, ok=prev["ok"] + reqs - failed, fail=prev["fail"] + failed)
-        for name, le, median in (("ttft", TTFT_LE, ttft_med), ("itl", ITL_LE, itl_med),
-                                 ("e2e", E2E_LE, profile.e2e_median(load))):
+        medians = profile.medians(load, phases=target.engine in PHASE_ENGINES)
+        for name, (le, median) in medians.items():
             counts, total = lognormal_hist(le, reqs, median, SIGMA[name])
-            new[name] = [[a + b for a, b in zip(prev[name][0], counts, strict=True)], prev[name][1] + total]
+            before = prev.get(name) or [[0] * (len(le) + 1), 0.0]
+            new[name] = [[a + b for a, b in zip(before[0], counts, strict=True)], before[1] + total]
         billable = target.url not in self.sim.unbillable
         tokens = {"prompt_tokens": {"sim_prompt": float(new["p"])},
                   "generation_tokens": {"sim_gen": float(new["g"])}} if billable else {}
@@ -411,7 +408,7 @@ class SimEngines:
             counters={**tokens, "requests_ok": {"sim_ok": float(new["ok"])},
                       "requests_failed": {"sim_fail": float(new["fail"])}},
             hists={name: {f"sim_{name}": Hist(le=le, counts=[float(c) for c in new[name][0]], sum=new[name][1])}
-                   for name, le in (("ttft", TTFT_LE), ("itl", ITL_LE), ("e2e", E2E_LE))},
+                   for name, (le, _median) in medians.items()},
             gauges={"running": float(round(reqs / max(dt, 1.0) * (ttft_med + itl_med * GEN_TOKENS_PER_REQUEST))),
                     "waiting": float(max(0, round((load - 0.8) * 60))), "kv_cache_usage": round(0.05 + 0.85 * load, 3)},
             settings={"block_size": "16", "cache_dtype": "auto", "gpu_memory_utilization": "0.9"}

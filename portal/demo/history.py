@@ -13,12 +13,10 @@ from datetime import UTC, datetime, timedelta
 
 from agents.config import SimulateConfig
 from agents.loadmodel import (
-    E2E_LE,
     FAILED_SHARE,
     GEN_TOKENS_PER_REQUEST,
-    ITL_LE,
+    PHASE_ENGINES,
     SIGMA,
-    TTFT_LE,
     EndpointProfile,
     LoadCurve,
     endpoint_profile,
@@ -140,13 +138,14 @@ def _usage_row(endpoint: ServingEndpoint, profile: EndpointProfile, billable: bo
         counts, total = lognormal_hist(le, requests, median, SIGMA[name])
         return {"le": list(le), "counts": counts, "sum": round(total, 3)}
 
+    medians = profile.medians(load, phases=endpoint.engine in PHASE_ENGINES)
+
     return {"endpoint_id": endpoint.pk, "ts": span.ts,
             "prompt_tokens": round(generation * profile.prompt_ratio) if billable else 0,
             "generation_tokens": generation if billable else 0, "requests_ok": requests - failed,
             "requests_failed": failed, "probes": probes, "probes_up": probes,
-            "ttft": histogram("ttft", TTFT_LE, profile.ttft_median(load)),
-            "itl": histogram("itl", ITL_LE, profile.itl_median(load)),
-            "e2e": histogram("e2e", E2E_LE, profile.e2e_median(load))}
+            "prefill": None, "decode": None,  # engines without phase times (every row has the same keys)
+            **{name: histogram(name, le, median) for name, (le, median) in medians.items()}}
 
 
 def write_history(*, plans: list[NodePlan], now: datetime, start: datetime, minute_hours: int) -> list[datetime]:

@@ -100,6 +100,8 @@ class _Usage(models.Model):
     ttft = models.JSONField(null=True)
     itl = models.JSONField(null=True)
     e2e = models.JSONField(null=True)
+    prefill = models.JSONField(null=True)
+    decode = models.JSONField(null=True)
 
     class Meta:
         abstract = True

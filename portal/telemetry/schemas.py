@@ -22,7 +22,9 @@ EVENT_KINDS = (
     "power_throttle",
     "gpu_lost",
 )
-HISTOGRAMS = ("ttft", "itl", "e2e")
+# Latencies (the SLA quantiles and goodput), then time per request in prefill and in decode (vLLM V1 exports
+# them; their sums split a GPU-hour between input and output tokens, economics.split).
+HISTOGRAMS = ("ttft", "itl", "e2e", "prefill", "decode")
 
 # Largest delta a single interval may carry: guards against a counter wrapped through a bad reset reaching billing.
 MAX_TOKENS_PER_INTERVAL = 10**12
@@ -177,6 +179,8 @@ class EngineIn(_Strict):
     ttft: HistogramIn | None = None
     itl: HistogramIn | None = None
     e2e: HistogramIn | None = None
+    prefill: HistogramIn | None = None
+    decode: HistogramIn | None = None
     token_families: Annotated[list[Text(128)], Field(max_length=16)] | None = Field(
         default=None, description="The token counters the agent found on the endpoint (e.g. vllm:prompt_tokens_total). "
         "Empty while the endpoint answers: it exposes no tokens the agent can read, so none can be billed. "

@@ -86,7 +86,7 @@ def test_vllm_v1_2026_full_scrape():
     }
     assert total(m, "prompt_tokens") == 0.0 and total(m, "generation_tokens") == 0.0
     assert m.gauges["kv_cache_usage"] == 0.0  # V1 kv_cache_usage_perc
-    assert set(m.hists) == {"ttft", "itl", "e2e"}
+    assert set(m.hists) == {"ttft", "itl", "e2e", "prefill", "decode"}  # V1 exports time per phase
     (itl_name,) = m.hists["itl"]
     assert itl_name.startswith("vllm:inter_token_latency_seconds|")  # V1 name preferred
     assert m.settings["prefix_caching_hash_algo"] == "sha256"

@@ -175,3 +175,20 @@ def test_every_capture_reports_its_token_families_or_none():
         assert json.dumps(mapped.token_families)  # plain strings, ready for the batch
         billable = name != "added/trtllm-serve_unprefixed_2025-07_pr5785_EXCERPT.txt"
         assert bool(mapped.token_families) == billable, name
+
+
+def test_vllm_v1_time_in_prefill_and_decode_is_read_as_histograms():
+    """The phase histograms behind the input/output cost split (economics.split): their sums as exported."""
+    m = parse_metrics("vllm", RAY).models["facebook/opt-125m"]
+    (prefill,) = m.hists["prefill"].values()
+    (decode,) = m.hists["decode"].values()
+    assert (prefill.counts[-1], prefill.sum) == (6.0, 0.2140041133388877)
+    assert (decode.counts[-1], decode.sum) == (6.0, 0.6237391703762114)
+    full = parse_metrics("vllm", fixture_text("vllm_metrics_v1_2026-03_qwen25_05b_kops_cncf_ai_conformance.txt"))
+    (prefill,) = full.models["Qwen/Qwen2.5-0.5B-Instruct"].hists["prefill"].values()
+    assert prefill.le[:3] == (0.3, 0.5, 0.8) and prefill.le[-1] == 7680.0 and prefill.counts[-1] == 0.0
+
+
+def test_engines_without_phase_times_report_none():
+    m = parse_metrics("vllm", V05).models["facebook/opt-125m"]
+    assert "prefill" not in m.hists and "decode" not in m.hists
