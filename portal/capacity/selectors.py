@@ -307,17 +307,31 @@ def deployments_unbillable(*, deployments: list[Deployment]) -> dict[int, Unbill
     return {d.pk: found[(d.node_id, d.metrics_url)] for d in deployments if (d.node_id, d.metrics_url) in found}
 
 
-def deployment_tokens_by_hour(*, start: datetime, end: datetime, now: datetime | None = None) -> dict[
-        tuple[int, datetime], tuple[int, int]]:
-    """(prompt, generation) tokens each deployment owned in each hour of [start, end) (deployment_windows)."""
+@dataclass
+class HourUsage:
+    """What a deployment's endpoint served in an hour: tokens, and the time its requests spent in each phase."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+
+def deployment_usage_by_hour(*, start: datetime, end: datetime, now: datetime | None = None) -> dict[
+        tuple[int, datetime], HourUsage]:
+    """What each deployment owned in each hour of [start, end) (deployment_windows): tokens, and the sums of the
+    prefill and decode histograms (read as their `sum` key, not whole)."""
     deployments = list(Deployment.objects.filter(active_from__lt=end).filter(
         Q(ended_at__isnull=True) | Q(ended_at__gt=start)))
-    out: dict[tuple[int, datetime], tuple[int, int]] = defaultdict(lambda: (0, 0))
+    out: dict[tuple[int, datetime], HourUsage] = defaultdict(HourUsage)
     windows = deployment_windows(deployments, start, end)
-    for window, ts, p, g, _ok, _failed in owned_usage(windows=windows, now=now or timezone.now()):
-        key = (window.deployment_id, hour_floor(ts))
-        prompt, generation = out[key]
-        out[key] = (prompt + p, generation + g)
+    fields = ("prompt_tokens", "generation_tokens", "prefill__sum", "decode__sum")
+    for window, ts, p, g, prefill, decode in owned_usage(windows=windows, now=now or timezone.now(), fields=fields):
+        usage = out[(window.deployment_id, hour_floor(ts))]
+        usage.prompt_tokens += p
+        usage.generation_tokens += g
+        usage.prefill_seconds += prefill or 0.0
+        usage.decode_seconds += decode or 0.0
     return dict(out)
 
 

@@ -2,6 +2,7 @@ from decimal import Decimal
 
 from django import forms
 
+from portal.economics.split import SplitRule
 from portal.fleet.models import Site
 from portal.params import DayField
 
@@ -9,6 +10,14 @@ from portal.params import DayField
 class EconomicsPeriodForm(forms.Form):
     period = forms.ChoiceField(choices=[("7d", "7 days"), ("30d", "30 days"), ("90d", "90 days")], required=False)
     all = forms.BooleanField(required=False, help_text="Every deployment, not only the best and worst")
+
+
+class TokenTypesForm(forms.Form):
+    period = forms.ChoiceField(choices=[("7d", "7 days"), ("30d", "30 days"), ("90d", "90 days")], required=False)
+    rule = forms.ChoiceField(choices=SplitRule.choices, required=False, label="Split by")
+    weight = forms.DecimalField(min_value=Decimal("0.1"), max_value=Decimal(100), max_digits=6, decimal_places=2,
+                                required=False, label="Output weight",
+                                help_text="Input tokens one output token weighs (the weighted rule)")
 
 
 class BooksForm(forms.Form):

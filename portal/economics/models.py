@@ -41,6 +41,10 @@ class _DeploymentPeriod(_AttributedCost):
     ts = models.DateTimeField()
     prompt_tokens = models.BigIntegerField(default=0)
     generation_tokens = models.BigIntegerField(default=0)
+    # Time its requests spent in prefill and in decode (the sums of vLLM's phase histograms; 0 where the engine
+    # does not export them): the measured basis of the input/output cost split (economics.split).
+    prefill_seconds = models.FloatField(default=0)
+    decode_seconds = models.FloatField(default=0)
 
     class Meta:
         abstract = True

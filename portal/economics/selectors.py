@@ -19,6 +19,7 @@ from portal.capacity.selectors import last_complete_minute, usage_tiers
 from portal.economics.attribution import Reading, attribute
 from portal.economics.costmodel import CAPACITY_FIELDS, JOULES_PER_KWH, MILLION, ZERO
 from portal.economics.models import CostHour, DeploymentDay, DeploymentHour
+from portal.economics.split import TokenTypeCost, cost_split
 from portal.fleet.models import Node, Site
 from portal.fleet.selectors import gpus_on_books
 from portal.hours import DAY, day_ceil, day_floor, hour_ceil, hours_between
@@ -286,7 +287,8 @@ class DeploymentLine:
         return ", ".join(f"{k}: {v}" for k, v in sorted(self.deployment.settings.items())) or "defaults"
 
 
-_HOUR_SUMS = {**COST_SUMS, "prompt_tokens": Sum("prompt_tokens"), "generation_tokens": Sum("generation_tokens")}
+_HOUR_SUMS = {**COST_SUMS, **{name: Sum(name) for name in (
+    "prompt_tokens", "generation_tokens", "prefill_seconds", "decode_seconds")}}
 
 
 @dataclass(frozen=True)
@@ -296,6 +298,13 @@ class DeploymentCost:
     tenant_id: int
     site_id: int
     cost: Cost
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    def split(self, *, rule: str, output_weight: Decimal) -> TokenTypeCost:
+        return cost_split(cost=self.cost.total, input_tokens=self.cost.tokens - self.cost.output_tokens,
+                          output_tokens=self.cost.output_tokens, prefill_seconds=self.prefill_seconds,
+                          decode_seconds=self.decode_seconds, rule=rule, output_weight=output_weight)
 
 
 def deployment_sums(*, start: datetime, end: datetime, group: tuple[str, ...], sums: dict,
@@ -340,7 +349,8 @@ def deployment_costs(*, start: datetime, end: datetime, tenant: Tenant | None = 
         "pk", "model_name", "tenant_id", "node__site_id", "node__site__currency")
     return [DeploymentCost(deployment_id=pk, model_name=model, tenant_id=tenant, site_id=site,
                            cost=cost_of(currency, sums[pk], tokens=sums[pk]["prompt_tokens"] + sums[pk][
-                               "generation_tokens"], output_tokens=sums[pk]["generation_tokens"]))
+                               "generation_tokens"], output_tokens=sums[pk]["generation_tokens"]),
+                           prefill_seconds=sums[pk]["prefill_seconds"], decode_seconds=sums[pk]["decode_seconds"])
             for pk, model, tenant, site, currency in facts]
 
 

@@ -2,6 +2,7 @@
 CostHour (per site, tenant or idle, hour) and DeploymentHour/DeploymentDay (per deployment). The arithmetic is
 economics.attribution (a pure function of history); this module gathers its inputs and replaces whole hours."""
 
+from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -11,7 +12,7 @@ from django.db.models import Sum
 from django.db.models.functions import TruncDay
 from django.utils import timezone
 
-from portal.capacity.selectors import deployment_tokens_by_hour
+from portal.capacity.selectors import HourUsage, deployment_usage_by_hour
 from portal.economics.attribution import HOUR, attribute
 from portal.economics.costmodel import CAPACITY_FIELDS, ZERO
 from portal.economics.models import CostHour, DeploymentDay, DeploymentHour
@@ -20,6 +21,7 @@ from portal.hours import day_floor
 from portal.locks import transaction_lock
 
 PLACES = Decimal("0.00000001")
+USAGE_FIELDS = tuple(f.name for f in fields(HourUsage))
 ATTRIBUTION_LOCK = "economics.attribution"
 
 
@@ -42,16 +44,15 @@ def cost_hours_attribute(*, hours: list[datetime], now: datetime | None = None) 
         # once: without the lock, each deletes what the other has not committed yet and both sets would stay.
         transaction_lock(ATTRIBUTION_LOCK)
         attributed = attribute(hours=hours, now=now, **attribution_inputs(start=start, end=end))
-        tokens = deployment_tokens_by_hour(start=start, end=min(end, now), now=now)
+        usage = deployment_usage_by_hour(start=start, end=min(end, now), now=now)
         rows = _cost_rows(attributed.tenants)
         wanted = set(hours)
-        deployment_keys = set(attributed.deployments) | {key for key in tokens if key[1] in wanted}
+        deployment_keys = set(attributed.deployments) | {key for key in usage if key[1] in wanted}
         CostHour.objects.filter(ts__in=hours).delete()
         CostHour.objects.bulk_create(rows, batch_size=5000)
         DeploymentHour.objects.filter(ts__in=hours).delete()
         DeploymentHour.objects.bulk_create(
-            [DeploymentHour(deployment_id=d, ts=ts, prompt_tokens=tokens.get((d, ts), (0, 0))[0],
-                            generation_tokens=tokens.get((d, ts), (0, 0))[1],
+            [DeploymentHour(deployment_id=d, ts=ts, **vars(usage.get((d, ts), HourUsage())),
                             **_quantized(attributed.deployments.get((d, ts), {})))
              for d, ts in sorted(deployment_keys, key=lambda k: (k[1], k[0]))],
             batch_size=5000,
@@ -96,7 +97,7 @@ def _cost_rows(tenants: dict[tuple[int, int | None, datetime], dict[str, Decimal
 
 def _deployment_days_refresh(*, days: set[datetime]) -> None:
     """Rewrite these days' DeploymentDay rows as the sums of their DeploymentHour rows."""
-    sums = {f"sum_{name}": Sum(name) for name in (*CAPACITY_FIELDS, "prompt_tokens", "generation_tokens")}
+    sums = {f"sum_{name}": Sum(name) for name in (*CAPACITY_FIELDS, *USAGE_FIELDS)}
     DeploymentDay.objects.filter(ts__in=days).delete()
     for day in days:
         rows = (DeploymentHour.objects.filter(ts__gte=day, ts__lt=day + timedelta(days=1))
