@@ -36,6 +36,7 @@ from portal.fleet.services import enrollment_token_create
 from portal.health.selectors import open_cordons
 from portal.hours import day_floor
 from portal.params import query_params
+from portal.sla.goodput import fleet_goodput_now
 from portal.telemetry.selectors import RANGES, node_series
 from portal.telemetry.store import batches_requeue_set_aside
 from portal.tenants.models import Tenant, TenantStatus
@@ -61,6 +62,7 @@ def overview(request: HttpRequest) -> HttpResponse:
         "headline": fleet_headline(now=now),
         "util_24h": utilization_over(start=now - timedelta(hours=24), end=now),
         "tokens_per_s": tokens_per_second_now(now=now),
+        "goodput": fleet_goodput_now(now=now),
         "cost_today": costs_by_currency(periods_today),
         "cost_month": costs_by_currency(site_costs(start=today.replace(day=1), end=now)),
         "energy_today_kwh": sum(p.cost.energy_kwh for p in periods_today),

@@ -39,3 +39,13 @@ def fleet_sli_chart(sli: str, series: dict[str, list[SlaEvaluation]]) -> dict:
             traces.append({"type": "scatter", "mode": "lines", "name": f"target {target:g} ({', '.join(names)})",
                            "x": span, "y": [target, target], "line": {"dash": "dash", "color": "#888"}})
     return {"data": traces, "layout": layout(height=280, xaxis=TIME_AXIS, yaxis=_axis(sli))}
+
+
+def goodput_chart(hours: list, targets: dict[str, float]) -> dict:
+    """Per hour, the share of requests (tokens, for ITL) that met each latency target (sla.goodput)."""
+    x = [f"{ts:%Y-%m-%dT%H:%M}Z" for ts, _g in hours]
+    traces = [{"type": "scatter", "mode": "lines", "name": f"{Sli(sli).label} ≤ {target:g} s", "x": x,
+               "y": [None if g.shares[sli] is None else round(100 * g.shares[sli], 2) for _ts, g in hours]}
+              for sli, target in targets.items()]
+    return {"data": traces, "layout": layout(height=280, xaxis=TIME_AXIS, yaxis=y_axis(
+        title={"text": "percent within target"}, range=[0, 100.5], tickformat=".0f"))}

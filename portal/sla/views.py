@@ -11,8 +11,9 @@ from django.views.decorators.http import require_POST
 
 from portal.accounts.access import operator_admin_required, operator_required
 from portal.params import query_params
-from portal.sla.charts import fleet_sli_chart, sli_chart
+from portal.sla.charts import fleet_sli_chart, goodput_chart, sli_chart
 from portal.sla.forms import RANGES, ObjectiveForm, PolicyForm, RangeForm, RemoveObjectiveForm
+from portal.sla.goodput import tenant_goodput
 from portal.sla.models import SlaPolicy, Sli
 from portal.sla.selectors import Compliance, fleet_compliance, policies, tenant_compliance
 from portal.sla.services import SlaError, sla_objective_remove, sla_objective_set, sla_policy_create
@@ -34,9 +35,12 @@ def _charts(compliance: Compliance) -> list[dict]:
 
 def _compliance_page(request: HttpRequest, template: str, tenant: Tenant, extra: dict) -> HttpResponse:
     days = _days(request)
-    compliance = tenant_compliance(tenant=tenant, since=timezone.now() - timedelta(days=days))
+    now = timezone.now()
+    compliance = tenant_compliance(tenant=tenant, since=now - timedelta(days=days))
+    goodput = tenant_goodput(tenant=tenant, start=now - timedelta(days=days), end=now, now=now)
     return render(request, template, {
         "tenant": tenant, "compliance": compliance, "charts": _charts(compliance), "days": days, "ranges": RANGES,
+        "goodput": goodput, "goodput_figure": goodput_chart(goodput.hours, goodput.targets) if goodput.hours else None,
         **extra,
     })
 

@@ -44,3 +44,20 @@ def quantile(q: float, h: Histogram | None) -> float | None:
                 return bounds[i]
             return lower + (bounds[i] - lower) * (rank - below) / in_bucket
     return h["le"][-1]
+
+
+def share_at_most(bound: float, h: Histogram | None) -> float | None:
+    """The share of observations at most `bound`, by the same linear interpolation inside a bucket as quantile()
+    (its inverse: the lowest bucket from 0). Observations in the +Inf bucket are never counted as within a bound:
+    how far above the highest finite bound they lie is not known. None when there is nothing observed."""
+    if h is None or bound < 0:
+        return None
+    total = h["counts"][-1]
+    if total == 0:
+        return None
+    below, lower = 0, 0.0
+    for upper, cumulative in zip(h["le"], h["counts"], strict=False):
+        if bound < upper:
+            return (below + (cumulative - below) * (bound - lower) / (upper - lower)) / total
+        below, lower = cumulative, upper
+    return below / total

@@ -1,0 +1,149 @@
+"""Live goodput: of a tenant's requests and tokens, the share that met each of its latency targets, per hour
+and per deployment, from the merged histogram-bucket deltas (the same interpolation as the SLA quantiles:
+portal.telemetry.histograms.share_at_most is quantile()'s inverse).
+
+For a TTFT or end-to-end target the share is of requests; for an inter-token-latency target it is of the gaps
+between tokens, so of tokens. A failed request never counts as good: each share is scaled by the requests that
+succeeded. Good tokens are the tokens served x the lowest share of any of the tenant's targets: the engines
+export each latency on its own, so which requests met every target at once is not known, and the lowest share
+is the most that can have.
+"""
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from django.utils import timezone
+
+from portal.capacity.models import Deployment
+from portal.capacity.selectors import deployment_windows, last_complete_minute, owned_usage
+from portal.hours import hour_floor
+from portal.sla.models import QUANTILE_SLIS, SlaObjective
+from portal.sla.selectors import objectives_for_tenant, tenants_to_evaluate
+from portal.telemetry.histograms import Histogram, merge, share_at_most
+from portal.tenants.models import Tenant
+
+
+@dataclass
+class Goodput:
+    """One scope's traffic against the tenant's latency targets (sli -> target in seconds)."""
+
+    targets: dict[str, float]
+    tokens: int = 0
+    requests_ok: int = 0
+    requests_failed: int = 0
+    histograms: dict[str, Histogram | None] = field(default_factory=dict)
+
+    def add(self, *, tokens: int, ok: int, failed: int, histograms: dict[str, Histogram | None]) -> None:
+        self.tokens += tokens
+        self.requests_ok += ok
+        self.requests_failed += failed
+        for name, h in histograms.items():
+            self.histograms[name] = merge(self.histograms.get(name), h)
+
+    @property
+    def shares(self) -> dict[str, float | None]:
+        """Per target, the share of requests (tokens, for ITL) that met it; None when nothing was measured."""
+        requests = self.requests_ok + self.requests_failed
+        succeeded = self.requests_ok / requests if requests else None
+        out = {}
+        for sli, target in self.targets.items():
+            within = share_at_most(target, self.histograms.get(QUANTILE_SLIS[sli][0]))
+            out[sli] = None if within is None or succeeded is None else within * succeeded
+        return out
+
+    @property
+    def share(self) -> float | None:
+        """The lowest share of any target (see the module's note)."""
+        measured = [s for s in self.shares.values() if s is not None]
+        return min(measured) if measured else None
+
+    @property
+    def good_tokens(self) -> int | None:
+        share = self.share
+        return None if share is None else int(self.tokens * share)
+
+
+def latency_targets(objectives: list[SlaObjective]) -> dict[str, float]:
+    return {o.sli: float(o.target) for o in objectives if o.sli in QUANTILE_SLIS}
+
+
+@dataclass
+class TenantGoodput:
+    targets: dict[str, float]
+    hours: list[tuple[datetime, Goodput]]
+    deployments: list[tuple[Deployment, Goodput]]
+    total: Goodput
+
+
+def _fields(targets: dict[str, float]) -> tuple[str, ...]:
+    names = sorted({QUANTILE_SLIS[sli][0] for sli in targets})
+    return ("prompt_tokens", "generation_tokens", "requests_ok", "requests_failed", *names)
+
+
+def goodput_for_deployments(*, deployments: list[Deployment], targets: dict[str, float], start: datetime,
+                            end: datetime, now: datetime | None = None,
+                            by_hour: bool = True) -> tuple[dict[datetime, Goodput], dict[int, Goodput]]:
+    """Goodput of these deployments over [start, end): per hour and per deployment (one query per usage tier)."""
+    fields = _fields(targets)
+    names = fields[4:]
+    hours: dict[datetime, Goodput] = defaultdict(lambda: Goodput(targets=targets))
+    per_deployment: dict[int, Goodput] = defaultdict(lambda: Goodput(targets=targets))
+    windows = deployment_windows(deployments, start, end)
+    for window, ts, p, g, ok, failed, *values in owned_usage(windows=windows, now=now or timezone.now(),
+                                                             fields=fields):
+        histograms = dict(zip(names, values, strict=True))
+        scopes = [per_deployment[window.deployment_id]] + ([hours[hour_floor(ts)]] if by_hour else [])
+        for scope in scopes:
+            scope.add(tokens=p + g, ok=ok, failed=failed, histograms=histograms)
+    return dict(hours), dict(per_deployment)
+
+
+def tenant_goodput(*, tenant: Tenant, start: datetime, end: datetime, now: datetime | None = None) -> TenantGoodput:
+    """The tenant's goodput against its policy's latency targets, per hour (oldest first), per deployment and
+    over the whole period."""
+    targets = latency_targets(objectives_for_tenant(tenant=tenant))
+    deployments = list(Deployment.objects.filter(tenant=tenant).order_by("name"))
+    total = Goodput(targets=targets)
+    if not targets:
+        return TenantGoodput(targets=targets, hours=[], deployments=[], total=total)
+    hours, per_deployment = goodput_for_deployments(deployments=deployments, targets=targets, start=start,
+                                                    end=end, now=now)
+    for g in per_deployment.values():
+        total.add(tokens=g.tokens, ok=g.requests_ok, failed=g.requests_failed, histograms=g.histograms)
+    return TenantGoodput(targets=targets, hours=sorted(hours.items()),
+                         deployments=[(d, per_deployment[d.pk]) for d in deployments if d.pk in per_deployment],
+                         total=total)
+
+
+@dataclass(frozen=True)
+class FleetGoodput:
+    tokens_per_s: float  # of deployments whose engines export a latency the tenant has a target for
+    good_tokens_per_s: float
+    unmeasured_tokens_per_s: float  # of the others: no target, or no histogram for it
+    minute: datetime
+
+    @property
+    def share(self) -> float | None:
+        return self.good_tokens_per_s / self.tokens_per_s if self.tokens_per_s else None
+
+
+def fleet_goodput_now(*, now: datetime | None = None) -> FleetGoodput:
+    """The fleet page's headline: tokens per second that met their tenant's targets, over the last complete,
+    rolled-up minute (the one the tenant pages show). Tenants without latency targets are not counted."""
+    now = now or timezone.now()
+    minute = last_complete_minute(now=now)
+    tokens = good = unmeasured = 0
+    for tenant in tenants_to_evaluate().select_related("plan"):
+        targets = latency_targets(objectives_for_tenant(tenant=tenant))
+        _hours, per_deployment = goodput_for_deployments(
+            deployments=list(Deployment.objects.filter(tenant=tenant)), targets=targets, start=minute,
+            end=minute + timedelta(minutes=1), now=now, by_hour=False)
+        for g in per_deployment.values():
+            if g.good_tokens is None:
+                unmeasured += g.tokens
+            else:
+                tokens += g.tokens
+                good += g.good_tokens
+    return FleetGoodput(tokens_per_s=tokens / 60, good_tokens_per_s=good / 60, unmeasured_tokens_per_s=unmeasured / 60,
+                        minute=minute)
