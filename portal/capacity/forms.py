@@ -1,7 +1,7 @@
 from django import forms
 from django.utils import timezone
 
-from portal.capacity.models import Deployment
+from portal.capacity.models import ENGINE_SETTINGS, Deployment
 from portal.capacity.selectors import unit_name
 from portal.fleet.models import Gpu, MigInstance, Node, NodeStatus
 from portal.params import IdField, MomentField, PageField
@@ -70,10 +70,11 @@ class DeploymentForm(forms.Form):
     precision = forms.CharField(max_length=32, required=False, help_text="e.g. bf16, fp8, int4-awq")
     kv_cache_dtype = forms.CharField(max_length=32, required=False, label="KV-cache dtype")
     speculative_decoding = forms.CharField(max_length=64, required=False, help_text="e.g. eagle3, ngram")
+    max_batch_size = forms.IntegerField(min_value=1, max_value=65536, required=False,
+                                        help_text="The engine's limit on sequences per batch (vLLM max_num_seqs)")
 
     def engine_settings(self) -> dict:
-        return {k: self.cleaned_data[k] for k in ("precision", "kv_cache_dtype", "speculative_decoding")
-                if self.cleaned_data.get(k)}
+        return {k: str(self.cleaned_data[k]) for k in ENGINE_SETTINGS if self.cleaned_data.get(k)}
 
 
 class CapacityFilterForm(forms.Form):

@@ -97,6 +97,12 @@ class CapacityRequest(models.Model):
         return f"{self.tenant}: {unit} {self.gpu_type} for {self.model_name}"
 
 
+# The engine settings an operator records with a deployment (what the engine does not export itself), as the
+# deployment form, the economics ranking and the tokens-per-dollar advisor name them.
+ENGINE_SETTINGS = {"precision": "Weights", "kv_cache_dtype": "KV cache", "speculative_decoding": "Speculative decoding",
+                   "max_batch_size": "Max batch size"}
+
+
 class Deployment(models.Model):
     """A tenant's model served by an engine on allocated units, scraped at its metrics endpoint on the node.
     Usage from that endpoint belongs to the tenant from active_from until ended_at."""

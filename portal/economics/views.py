@@ -12,8 +12,9 @@ from portal.accounts.access import operator_admin_required, operator_required
 from portal.audit.services import audit_record
 from portal.billing.selectors import as_utc, month_start, next_month
 from portal.economics import charts
+from portal.economics.advisor import MIN_HOURS, tokens_per_dollar_advice
 from portal.economics.books import books_reconcile, month_of
-from portal.economics.forms import BooksForm, EconomicsPeriodForm, WhatIfForm
+from portal.economics.forms import BooksForm, EconomicsPeriodForm, TokenTypesForm, WhatIfForm
 from portal.economics.pnl import payback, site_pnl
 from portal.economics.reattribution import reattribution_request
 from portal.economics.selectors import (
@@ -26,10 +27,14 @@ from portal.economics.selectors import (
     tenant_economics,
     utilization_vs_cost,
 )
+from portal.economics.split import SplitRule
+from portal.economics.token_types import token_type_costs
 from portal.economics.whatif import scenario, site_model
 from portal.fleet.models import Site
 from portal.params import cleaned_params, query_params
 
+# A common price-book ratio: output tokens list at about four times input tokens.
+DEFAULT_OUTPUT_WEIGHT = Decimal(4)
 RANKED = 25  # deployments shown by default; ?all=1 shows every one
 PERIODS = {"7d": ("7 days", timedelta(days=7)), "30d": ("30 days", timedelta(days=30)),
            "90d": ("90 days", timedelta(days=90))}
@@ -60,6 +65,33 @@ def fleet_economics(request: HttpRequest) -> HttpResponse:
         },
     }
     return render(request, "economics/fleet.html", context)
+
+
+@operator_required
+def token_types(request: HttpRequest) -> HttpResponse:
+    """Cost per million input and per million output tokens, split by the rule the operator picks, beside the
+    prices each tenant's price book charges."""
+    params = query_params(request, TokenTypesForm)
+    period = params["period"] or "30d"
+    rule = params["rule"] or SplitRule.TIME
+    weight = params["weight"] or DEFAULT_OUTPUT_WEIGHT
+    end = timezone.now()
+    costs = deployment_costs(start=end - PERIODS[period][1], end=end)
+    return render(request, "economics/token_types.html", {
+        "types": token_type_costs(costs=costs, rule=rule, output_weight=weight, end=end), "period": period,
+        "periods": PERIODS, "rule": rule, "rules": SplitRule.choices, "weight": weight,
+        "through": attributed_through()})
+
+
+@operator_required
+def advisor(request: HttpRequest) -> HttpResponse:
+    """Tokens per unit of cost and goodput per engine configuration of each model, and what one setting changes."""
+    period = query_params(request, EconomicsPeriodForm)["period"] or "7d"
+    end = timezone.now()
+    start = end - PERIODS[period][1]
+    advice = tokens_per_dollar_advice(costs=deployment_costs(start=start, end=end), start=start, end=end, now=end)
+    return render(request, "economics/advisor.html", {"advice": advice, "period": period, "periods": PERIODS,
+                                                      "min_hours": MIN_HOURS, "through": attributed_through()})
 
 
 @operator_required
