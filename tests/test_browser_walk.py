@@ -60,9 +60,11 @@ def _operator_pages(base: str, admin: bool) -> list[str]:
     acme = Tenant.objects.get(slug="acme")
     invoice = Invoice.objects.filter(tenant=acme).order_by("period_start").first()
     pages = ["/fleet/", f"/fleet/nodes/{node.pk}/", "/capacity/", "/capacity/?state=free", "/capacity/deployments/",
-             "/tenants/", f"/tenants/{acme.pk}/", "/tenants/plans/", "/audit/", "/economics/?period=7d",
-             "/economics/pnl/", "/economics/what-if/", "/economics/books/", "/alerts/", "/sla/", "/sla/tenants/acme/",
-             "/sla/policies/", f"/sla/policies/{SlaPolicy.objects.first().pk}/", "/billing/", "/billing/prices/",
+             "/tenants/", f"/tenants/{acme.pk}/", f"/tenants/{acme.pk}/isolation/", "/tenants/plans/", "/audit/",
+             "/economics/?period=7d", "/economics/pnl/", "/economics/what-if/", "/economics/books/",
+             "/economics/token-types/", "/economics/token-types/?rule=weighted&weight=4", "/economics/advisor/",
+             "/alerts/", "/sla/", "/sla/tenants/acme/", "/sla/policies/",
+             f"/sla/policies/{SlaPolicy.objects.first().pk}/", "/billing/", "/billing/prices/",
              f"/billing/invoices/{invoice.pk}/", "/standards/", "/standards/drift/", "/api/v1/docs",
              "/sites/fra-1/", "/sites/iad-1/", "/health/"]
     if admin:
@@ -99,15 +101,18 @@ def test_every_tenant_page_loads_cleanly_and_shows_only_its_own(page: Page, live
     watch = Watch(page)
     base = f"{live_server.url}/tenant/acme"
     for path in ("/", "/usage/", "/usage/?days=7", f"/deployments/{deployment.pk}/", "/members/", "/api-keys/",
-                 "/capacity/", "/sla/", "/billing/", f"/billing/{invoice.pk}/"):
+                 "/capacity/", "/sla/", "/isolation/", "/billing/", f"/billing/{invoice.pk}/"):
         watch.visit(page, base + path)
+    others = Tenant.objects.exclude(pk=acme.pk).values_list("name", flat=True)
+    for path in ("/sla/", "/isolation/"):
+        watch.visit(page, base + path)
+        assert not any(name in page.content() for name in others), path
     watch.visit(page, base + "/")
     tokens_month = _number(page.get_by_test_id("tokens-month").inner_text())
     watch.visit(page, base + "/billing/")
     month = timezone.now().strftime("%B %Y")
     draft = page.locator("tr[data-invoice]", has_text=month)
     assert _number(draft.locator("td.num").first.inner_text()) == tokens_month > 0
-    others = Tenant.objects.exclude(pk=acme.pk).values_list("name", flat=True)
     assert not any(name in page.content() for name in others)
     response = page.goto(f"{live_server.url}/tenant/globex/")
     assert response.status == 404 and page.get_by_test_id("error-404").is_visible()
