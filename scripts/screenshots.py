@@ -28,9 +28,12 @@ OPERATOR_PAGES = [
     ("sla-acme", "/sla/tenants/acme/"), ("billing", "/billing/"), ("invoice", "/billing/invoices/{invoice}/"),
     ("tenants", "/tenants/"), ("version-drift", "/standards/drift/"), ("provisioning", "/provisioning/"),
     ("audit", "/audit/"), ("site-bringup", "/sites/fra-1/"), ("health", "/health/"),
+    ("token-types", "/economics/token-types/"), ("advisor", "/economics/advisor/"),
+    ("certified-stack", "/standards/"),
 ]
 TENANT_PAGES = [("tenant-overview", "/tenant/acme/"), ("tenant-usage", "/tenant/acme/usage/"),
-                ("tenant-sla", "/tenant/acme/sla/"), ("tenant-invoices", "/tenant/acme/billing/")]
+                ("tenant-sla", "/tenant/acme/sla/"), ("tenant-isolation", "/tenant/acme/isolation/"),
+                ("tenant-invoices", "/tenant/acme/billing/")]
 
 
 def free_port() -> int:
