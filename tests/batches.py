@@ -10,7 +10,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from portal.telemetry.schemas import MAX_TOKENS_PER_INTERVAL, SECONDS_MAX, BatchIn
+from portal.telemetry.schemas import HISTOGRAMS, MAX_TOKENS_PER_INTERVAL, SECONDS_MAX, BatchIn
 
 SCHEMA = BatchIn.model_json_schema()
 # Text a batch may carry: anything but NUL, including other control characters, accents and emoji.
@@ -99,7 +99,7 @@ def batches(draw, *, seq: int, now: float | None = None) -> dict[str, Any]:
     """A random batch BatchIn accepts and batch_accept takes."""
     batch = draw(from_schema(SCHEMA))
     end = (now or time.time()) - draw(st.floats(0, 29 * 86400))
-    hists = [draw(_histograms()) for _ in range(3 * len(batch.get("engines", [])))]
+    hists = [draw(_histograms()) for _ in range(len(HISTOGRAMS) * len(batch.get("engines", [])))]
     return _consistent(batch, seq=seq, end=end, span=draw(st.floats(0.001, 3600)), salt=draw(st.integers(0, 2**64)),
                        histograms=hists)
 
@@ -112,7 +112,7 @@ def extreme_batch(*, seq: int, which: str, now: float | None = None) -> dict[str
                  "counts": [MAX_TOKENS_PER_INTERVAL if which == "max" else 0] * (size + 1),
                  "sum": SECONDS_MAX if which == "max" else 0.0}
     return _consistent(batch, seq=seq, end=end, span=3600 if which == "max" else 0.001, salt=seq,
-                       histograms=[histogram] * (3 * len(batch["engines"])))
+                       histograms=[histogram] * (len(HISTOGRAMS) * len(batch["engines"])))
 
 
 def _consistent(batch: dict, *, seq: int, end: float, span: float, salt: int, histograms: list[dict]) -> dict:
@@ -131,7 +131,7 @@ def _consistent(batch: dict, *, seq: int, end: float, span: float, salt: int, hi
     hists = iter(histograms)
     for i, engine in enumerate(batch.get("engines", [])):
         engine["endpoint"] = f"{i}|{engine['endpoint']}"[:500]  # (endpoint, model) is unique in a batch
-        for name in ("ttft", "itl", "e2e"):
+        for name in HISTOGRAMS:
             histogram = next(hists)
             if engine.get(name) is not None:
                 engine[name] = histogram

@@ -6,6 +6,8 @@ from decimal import Decimal
 
 import numpy as np
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -133,3 +135,26 @@ def test_the_tenant_and_the_operator_read_it_on_the_sla_pages(served, client):
     client.force_login(OperatorFactory())
     html = client.get(f"/sla/tenants/{tenant.slug}/?days=30").content.decode()
     assert '<td class="num" data-testid="goodput-ttft_p95">85.5%</td>' in html
+
+
+@pytest.mark.django_db
+def test_the_fleet_headline_reads_the_same_queries_however_many_tenants(served):
+    _tenant, _deployment, endpoint = served
+    now = H + timedelta(hours=21)
+
+    def queries() -> int:
+        with CaptureQueriesContext(connection) as captured:
+            fleet_goodput_now(now=now)
+        return len(captured)
+
+    one = queries()
+    for port, name in ((8101, "Globex"), (8102, "Initech")):
+        tenant = TenantFactory(name=name)
+        policy = SlaPolicy.objects.create(name=f"{name} SLA", tenant=tenant)
+        SlaObjective.objects.create(policy=policy, sli="ttft_p95", target=Decimal("0.5"))
+        gpu = GpuFactory(node=endpoint.node, uuid=gpu_uuid(), index=port)
+        allocation = allocation_create(tenant=tenant, gpu=gpu, starts_at=H - timedelta(days=1))
+        deployment_create(tenant=tenant, name=f"{name} llama", model_name="llama", engine="vllm", node=endpoint.node,
+                          metrics_url=f"http://127.0.0.1:{port}/metrics", allocations=[allocation],
+                          active_from=H - timedelta(days=1))
+    assert queries() == one

@@ -84,8 +84,10 @@ def _phase(total: float, n: int) -> dict:
 def test_it_carries_phase_times_from_the_agent_to_the_deployment_tier(client):
     """Two intervals of one vLLM endpoint, posted as an agent would: the deployment's hour holds the sums of their
     prefill and decode histograms, and the split uses them."""
-    end = time.time() - 120
-    hour = datetime.fromtimestamp(end, tz=UTC).replace(minute=0, second=0, microsecond=0)
+    clock = time.time()
+    hour = datetime.fromtimestamp(clock, tz=UTC).replace(minute=0, second=0, microsecond=0)
+    # Both intervals inside this hour (near its start, they run up to 20 s ahead: the accept step allows 5 min).
+    end = max(hour.timestamp(), clock - 120)
     node, credential = node_with_credential(installed_at=hour - timedelta(days=2))
     uuid = gpu_uuid()
     for seq, (prefill, decode) in enumerate(((1.5, 4.5), (0.5, 1.5)), start=1):

@@ -23,7 +23,7 @@ from portal.capacity.models import ENGINE_SETTINGS, Deployment
 from portal.economics.models import DeploymentHour
 from portal.economics.selectors import Cost, DeploymentCost
 from portal.sla.goodput import Goodput, goodput_for_deployments, latency_targets
-from portal.sla.selectors import objectives_for_tenant
+from portal.sla.selectors import objectives_for_tenants
 
 MIN_HOURS = 24
 # Goodput shares closer than this (in share, 0..1) are "equal goodput"; further apart, the trade is stated.
@@ -127,16 +127,11 @@ def _hours_with_traffic(*, deployment_ids: list[int], start: datetime, end: date
 
 def _goodput(*, deployments: list[Deployment], start: datetime, end: datetime, now: datetime) -> dict[int, Goodput]:
     """Each deployment's goodput over the period against its own tenant's latency targets."""
-    by_tenant: dict[int, list[Deployment]] = defaultdict(list)
-    for d in deployments:
-        by_tenant[d.tenant_id].append(d)
-    out: dict[int, Goodput] = {}
-    for group in by_tenant.values():
-        targets = latency_targets(objectives_for_tenant(tenant=group[0].tenant))
-        _hours, per_deployment = goodput_for_deployments(deployments=group, targets=targets, start=start, end=end,
-                                                         now=now, by_hour=False)
-        out.update(per_deployment)
-    return out
+    tenants = list({d.tenant_id: d.tenant for d in deployments}.values())
+    targets = {pk: latency_targets(objectives) for pk, objectives in objectives_for_tenants(tenants=tenants).items()}
+    _hours, per_deployment = goodput_for_deployments(deployments=deployments, targets=targets, start=start, end=end,
+                                                     now=now, by_hour=False)
+    return per_deployment
 
 
 def tokens_per_dollar_advice(*, costs: list[DeploymentCost], start: datetime, end: datetime,

@@ -19,7 +19,7 @@ from portal.capacity.models import Deployment
 from portal.capacity.selectors import deployment_windows, last_complete_minute, owned_usage
 from portal.hours import hour_floor
 from portal.sla.models import QUANTILE_SLIS, SlaObjective
-from portal.sla.selectors import objectives_for_tenant, tenants_to_evaluate
+from portal.sla.selectors import objectives_for_tenant, objectives_for_tenants, tenants_to_evaluate
 from portal.telemetry.histograms import Histogram, merge, share_at_most
 from portal.tenants.models import Tenant
 
@@ -76,27 +76,36 @@ class TenantGoodput:
     total: Goodput
 
 
-def _fields(targets: dict[str, float]) -> tuple[str, ...]:
-    names = sorted({QUANTILE_SLIS[sli][0] for sli in targets})
+def _fields(targets: list[dict[str, float]]) -> tuple[str, ...]:
+    names = sorted({QUANTILE_SLIS[sli][0] for t in targets for sli in t})
     return ("prompt_tokens", "generation_tokens", "requests_ok", "requests_failed", *names)
 
 
-def goodput_for_deployments(*, deployments: list[Deployment], targets: dict[str, float], start: datetime,
+def goodput_for_deployments(*, deployments: list[Deployment], targets: dict[int, dict[str, float]], start: datetime,
                             end: datetime, now: datetime | None = None,
                             by_hour: bool = True) -> tuple[dict[datetime, Goodput], dict[int, Goodput]]:
-    """Goodput of these deployments over [start, end): per hour and per deployment (one query per usage tier)."""
-    fields = _fields(targets)
+    """Goodput of these deployments over [start, end), each against its tenant's targets (tenant id -> targets):
+    per deployment, and per hour when the deployments are one tenant's (one query per usage tier)."""
+    fields = _fields(list(targets.values()))
     names = fields[4:]
-    hours: dict[datetime, Goodput] = defaultdict(lambda: Goodput(targets=targets))
-    per_deployment: dict[int, Goodput] = defaultdict(lambda: Goodput(targets=targets))
+    tenant_of = {d.pk: d.tenant_id for d in deployments}
+    if by_hour and len(set(tenant_of.values())) > 1:
+        raise ValueError("goodput per hour sums one tenant's deployments against its targets")
+    hour_targets = next(iter(targets.values()), {})
+    hours: dict[datetime, Goodput] = defaultdict(lambda: Goodput(targets=hour_targets))
+    per_deployment: dict[int, Goodput] = {}
     windows = deployment_windows(deployments, start, end)
     for window, ts, p, g, ok, failed, *values in owned_usage(windows=windows, now=now or timezone.now(),
                                                              fields=fields):
         histograms = dict(zip(names, values, strict=True))
-        scopes = [per_deployment[window.deployment_id]] + ([hours[hour_floor(ts)]] if by_hour else [])
-        for scope in scopes:
-            scope.add(tokens=p + g, ok=ok, failed=failed, histograms=histograms)
-    return dict(hours), dict(per_deployment)
+        scope = per_deployment.get(window.deployment_id)
+        if scope is None:
+            scope = per_deployment[window.deployment_id] = Goodput(targets=targets.get(tenant_of[window.deployment_id],
+                                                                                       {}))
+        scopes = [scope] + ([hours[hour_floor(ts)]] if by_hour else [])
+        for each in scopes:
+            each.add(tokens=p + g, ok=ok, failed=failed, histograms=histograms)
+    return dict(hours), per_deployment
 
 
 def tenant_goodput(*, tenant: Tenant, start: datetime, end: datetime, now: datetime | None = None) -> TenantGoodput:
@@ -107,8 +116,8 @@ def tenant_goodput(*, tenant: Tenant, start: datetime, end: datetime, now: datet
     total = Goodput(targets=targets)
     if not targets:
         return TenantGoodput(targets=targets, hours=[], deployments=[], total=total)
-    hours, per_deployment = goodput_for_deployments(deployments=deployments, targets=targets, start=start,
-                                                    end=end, now=now)
+    hours, per_deployment = goodput_for_deployments(deployments=deployments, targets={tenant.pk: targets},
+                                                    start=start, end=end, now=now)
     for g in per_deployment.values():
         total.add(tokens=g.tokens, ok=g.requests_ok, failed=g.requests_failed, histograms=g.histograms)
     return TenantGoodput(targets=targets, hours=sorted(hours.items()),
@@ -133,17 +142,17 @@ def fleet_goodput_now(*, now: datetime | None = None) -> FleetGoodput:
     rolled-up minute (the one the tenant pages show). Tenants without latency targets are not counted."""
     now = now or timezone.now()
     minute = last_complete_minute(now=now)
+    tenants = list(tenants_to_evaluate())
+    targets = {pk: latency_targets(objectives) for pk, objectives in objectives_for_tenants(tenants=tenants).items()}
+    _hours, per_deployment = goodput_for_deployments(
+        deployments=list(Deployment.objects.filter(tenant__in=tenants)), targets=targets, start=minute,
+        end=minute + timedelta(minutes=1), now=now, by_hour=False)
     tokens = good = unmeasured = 0
-    for tenant in tenants_to_evaluate().select_related("plan"):
-        targets = latency_targets(objectives_for_tenant(tenant=tenant))
-        _hours, per_deployment = goodput_for_deployments(
-            deployments=list(Deployment.objects.filter(tenant=tenant)), targets=targets, start=minute,
-            end=minute + timedelta(minutes=1), now=now, by_hour=False)
-        for g in per_deployment.values():
-            if g.good_tokens is None:
-                unmeasured += g.tokens
-            else:
-                tokens += g.tokens
-                good += g.good_tokens
+    for g in per_deployment.values():
+        if g.good_tokens is None:
+            unmeasured += g.tokens
+        else:
+            tokens += g.tokens
+            good += g.good_tokens
     return FleetGoodput(tokens_per_s=tokens / 60, good_tokens_per_s=good / 60, unmeasured_tokens_per_s=unmeasured / 60,
                         minute=minute)
