@@ -114,11 +114,25 @@ def test_the_fleet_headline_counts_tokens_that_met_their_targets(served):
     minute = now.replace(second=0) - timedelta(minutes=2)
     UsageMinute.objects.create(endpoint=endpoint, ts=minute, prompt_tokens=4_800, generation_tokens=1_200,
                                requests_ok=10, ttft=hist([5, 9, 10, 10]), e2e=hist([1, 5, 8, 10]))
-    fleet = fleet_goodput_now(now=now)
-    # 6,000 tokens in the minute; the lower share is E2E: 8 of 10. 4,800 good tokens, per second.
+    fleet = fleet_goodput_now(tokens_per_s=150.0, now=now)
+    # 6,000 tokens in the minute; the lower share is E2E: 8 of 10, so 4,800 good tokens. Of 150 tokens/s now,
+    # 80 % met their targets.
     assert fleet.minute == minute
-    assert (fleet.tokens_per_s, fleet.good_tokens_per_s) == (100.0, 80.0)
-    assert fleet.share == 0.8
+    assert (fleet.good_tokens, fleet.measured_tokens, fleet.unmeasured_tokens) == (4_800, 6_000, 0)
+    assert fleet.share == 0.8 and fleet.good_tokens_per_s == 120.0
+    # Tokens of a tenant without latency targets are not known to have met any: they lower the fleet's figure.
+    other = TenantFactory(name="Initech")
+    gpu = GpuFactory(node=endpoint.node, uuid=gpu_uuid(), index=1)
+    url = "http://127.0.0.1:8001/metrics"
+    deployment_create(tenant=other, name="qwen", model_name="qwen", engine="vllm", node=endpoint.node,
+                      metrics_url=url, allocations=[allocation_create(tenant=other, gpu=gpu,
+                                                                      starts_at=H - timedelta(days=1))],
+                      active_from=H - timedelta(days=1))
+    unmeasured = ServingEndpoint.objects.create(node=endpoint.node, url=url, model="qwen", engine="vllm")
+    UsageMinute.objects.create(endpoint=unmeasured, ts=minute, prompt_tokens=1_500, generation_tokens=500)
+    fleet = fleet_goodput_now(tokens_per_s=150.0, now=now)
+    assert (fleet.unmeasured_tokens, fleet.share) == (2_000, 0.8)
+    assert fleet.good_tokens_per_s == 150.0 * 4_800 / 8_000
 
 
 @pytest.mark.django_db
@@ -144,7 +158,7 @@ def test_the_fleet_headline_reads_the_same_queries_however_many_tenants(served):
 
     def queries() -> int:
         with CaptureQueriesContext(connection) as captured:
-            fleet_goodput_now(now=now)
+            fleet_goodput_now(tokens_per_s=100.0, now=now)
         return len(captured)
 
     one = queries()

@@ -58,11 +58,12 @@ def overview(request: HttpRequest) -> HttpResponse:
     now = timezone.now()
     today = day_floor(now)
     periods_today = site_costs(start=today, end=now)
+    tokens_per_s = tokens_per_second_now(now=now)
     context = {
         "headline": fleet_headline(now=now),
         "util_24h": utilization_over(start=now - timedelta(hours=24), end=now),
-        "tokens_per_s": tokens_per_second_now(now=now),
-        "goodput": fleet_goodput_now(now=now),
+        "tokens_per_s": tokens_per_s,
+        "goodput": fleet_goodput_now(tokens_per_s=tokens_per_s, now=now),
         "cost_today": costs_by_currency(periods_today),
         "cost_month": costs_by_currency(site_costs(start=today.replace(day=1), end=now)),
         "energy_today_kwh": sum(p.cost.energy_kwh for p in periods_today),

@@ -127,19 +127,29 @@ def tenant_goodput(*, tenant: Tenant, start: datetime, end: datetime, now: datet
 
 @dataclass(frozen=True)
 class FleetGoodput:
-    tokens_per_s: float  # of deployments whose engines export a latency the tenant has a target for
-    good_tokens_per_s: float
-    unmeasured_tokens_per_s: float  # of the others: no target, or no histogram for it
     minute: datetime
+    good_tokens: int  # in the minute
+    measured_tokens: int  # of deployments whose engines export a latency their tenant has a target for
+    unmeasured_tokens: int  # of the others: no target, or no histogram for it
+    tokens_per_s: float  # the fleet page's tokens/s now
 
     @property
     def share(self) -> float | None:
-        return self.good_tokens_per_s / self.tokens_per_s if self.tokens_per_s else None
+        """Of the tokens measured in the minute, the share that met their targets."""
+        return self.good_tokens / self.measured_tokens if self.measured_tokens else None
+
+    @property
+    def good_tokens_per_s(self) -> float | None:
+        """Tokens/s now x the share of all the minute's tokens known to have met their targets (an unmeasured
+        token is not known to have): never more than the tokens/s beside it."""
+        served = self.measured_tokens + self.unmeasured_tokens
+        return self.tokens_per_s * self.good_tokens / served if served else None
 
 
-def fleet_goodput_now(*, now: datetime | None = None) -> FleetGoodput:
-    """The fleet page's headline: tokens per second that met their tenant's targets, over the last complete,
-    rolled-up minute (the one the tenant pages show). Tenants without latency targets are not counted."""
+def fleet_goodput_now(*, tokens_per_s: float, now: datetime | None = None) -> FleetGoodput:
+    """The fleet page's headline: of the fleet's tokens/s now (economics.selectors.tokens_per_second_now), those
+    that met their tenant's targets, at the share measured over the last complete, rolled-up minute (the one the
+    tenant pages show: its histograms are merged; the raw minute's are still arriving)."""
     now = now or timezone.now()
     minute = last_complete_minute(now=now)
     tenants = list(tenants_to_evaluate())
@@ -147,12 +157,12 @@ def fleet_goodput_now(*, now: datetime | None = None) -> FleetGoodput:
     _hours, per_deployment = goodput_for_deployments(
         deployments=list(Deployment.objects.filter(tenant__in=tenants)), targets=targets, start=minute,
         end=minute + timedelta(minutes=1), now=now, by_hour=False)
-    tokens = good = unmeasured = 0
+    measured = good = unmeasured = 0
     for g in per_deployment.values():
         if g.good_tokens is None:
             unmeasured += g.tokens
         else:
-            tokens += g.tokens
+            measured += g.tokens
             good += g.good_tokens
-    return FleetGoodput(tokens_per_s=tokens / 60, good_tokens_per_s=good / 60, unmeasured_tokens_per_s=unmeasured / 60,
-                        minute=minute)
+    return FleetGoodput(minute=minute, good_tokens=good, measured_tokens=measured, unmeasured_tokens=unmeasured,
+                        tokens_per_s=tokens_per_s)
