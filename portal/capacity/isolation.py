@@ -18,10 +18,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 
-from django.db.models import Q
-
 from portal.capacity.models import GPU_SLICES, Allocation, Deployment
-from portal.capacity.selectors import allocations_at, deployment_windows, owned_usage
+from portal.capacity.selectors import allocations_at, allocations_overlapping, deployment_windows, owned_usage
 from portal.hours import HOUR, hour_floor, hours_between
 from portal.telemetry.histograms import merge, quantile
 from portal.telemetry.models import GpuHour
@@ -169,19 +167,14 @@ class NoisyNeighbours:
         return statistics.correlation(xs, ys)
 
 
-def _overlapping(start: datetime, end: datetime) -> Q:
-    return Q(starts_at__lt=end) & (Q(ends_at__isnull=True) | Q(ends_at__gt=start))
-
-
 def noisy_neighbours(*, tenant: Tenant, start: datetime, end: datetime, now: datetime,
                      viewer_is_operator: bool = False) -> NoisyNeighbours:
     """Per hour of [start, end): the tenant's TTFT p95 on the GPUs it shares with other tenants, against those
     tenants' load on the same GPUs (tokens/s and the GPUs' mean power)."""
-    window = _overlapping(start, end)
-    own_gpus = set(Allocation.objects.filter(window, tenant=tenant, mig_instance__isnull=False)
+    own_gpus = set(allocations_overlapping(tenant=tenant, start=start, end=end).filter(mig_instance__isnull=False)
                    .values_list("gpu_id", flat=True))
-    co_allocations = list(Allocation.objects.filter(window, gpu_id__in=own_gpus).exclude(tenant=tenant)
-                          .select_related("tenant"))
+    co_allocations = list(allocations_overlapping(start=start, end=end).filter(gpu_id__in=own_gpus)
+                          .exclude(tenant=tenant).select_related("tenant"))
     shared = {a.gpu_id for a in co_allocations}
     names = sorted({a.tenant.name for a in co_allocations})
     own = list(Deployment.objects.filter(tenant=tenant, allocations__gpu_id__in=shared).distinct())

@@ -23,9 +23,10 @@ def allocations_at(*, at: datetime) -> QuerySet[Allocation]:
     return Allocation.objects.filter(Q(ends_at__isnull=True) | Q(ends_at__gt=at), starts_at__lte=at)
 
 
-def allocations_overlapping(*, tenant: Tenant, start: datetime, end: datetime) -> QuerySet[Allocation]:
-    return Allocation.objects.filter(tenant=tenant, starts_at__lt=end).filter(
-        Q(ends_at__isnull=True) | Q(ends_at__gt=start))
+def allocations_overlapping(*, start: datetime, end: datetime, tenant: Tenant | None = None) -> QuerySet[Allocation]:
+    """Allocations (of the tenant, if given) held at some moment of [start, end)."""
+    rows = Allocation.objects.filter(starts_at__lt=end).filter(Q(ends_at__isnull=True) | Q(ends_at__gt=start))
+    return rows.filter(tenant=tenant) if tenant is not None else rows
 
 
 def tenant_deployments(*, tenant: Tenant) -> QuerySet[Deployment]:

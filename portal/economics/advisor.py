@@ -22,8 +22,7 @@ from django.db.models import Count
 from portal.capacity.models import ENGINE_SETTINGS, Deployment
 from portal.economics.models import DeploymentHour
 from portal.economics.selectors import Cost, DeploymentCost
-from portal.sla.goodput import Goodput, goodput_for_deployments, latency_targets
-from portal.sla.selectors import objectives_for_tenants
+from portal.sla.goodput import Goodput, goodput_for_deployments, latency_targets_of
 
 MIN_HOURS = 24
 # Goodput shares closer than this (in share, 0..1) are "equal goodput"; further apart, the trade is stated.
@@ -128,9 +127,8 @@ def _hours_with_traffic(*, deployment_ids: list[int], start: datetime, end: date
 def _goodput(*, deployments: list[Deployment], start: datetime, end: datetime, now: datetime) -> dict[int, Goodput]:
     """Each deployment's goodput over the period against its own tenant's latency targets."""
     tenants = list({d.tenant_id: d.tenant for d in deployments}.values())
-    targets = {pk: latency_targets(objectives) for pk, objectives in objectives_for_tenants(tenants=tenants).items()}
-    _hours, per_deployment = goodput_for_deployments(deployments=deployments, targets=targets, start=start, end=end,
-                                                     now=now, by_hour=False)
+    _hours, per_deployment = goodput_for_deployments(deployments=deployments, targets=latency_targets_of(
+        tenants=tenants), start=start, end=end, now=now, by_hour=False)
     return per_deployment
 
 

@@ -68,6 +68,11 @@ def latency_targets(objectives: list[SlaObjective]) -> dict[str, float]:
     return {o.sli: float(o.target) for o in objectives if o.sli in QUANTILE_SLIS}
 
 
+def latency_targets_of(*, tenants: list[Tenant]) -> dict[int, dict[str, float]]:
+    """Each tenant's latency targets (tenant id -> latency_targets), in two queries however many tenants."""
+    return {pk: latency_targets(objectives) for pk, objectives in objectives_for_tenants(tenants=tenants).items()}
+
+
 @dataclass
 class TenantGoodput:
     targets: dict[str, float]
@@ -153,7 +158,7 @@ def fleet_goodput_now(*, tokens_per_s: float, now: datetime | None = None) -> Fl
     now = now or timezone.now()
     minute = last_complete_minute(now=now)
     tenants = list(tenants_to_evaluate())
-    targets = {pk: latency_targets(objectives) for pk, objectives in objectives_for_tenants(tenants=tenants).items()}
+    targets = latency_targets_of(tenants=tenants)
     _hours, per_deployment = goodput_for_deployments(
         deployments=list(Deployment.objects.filter(tenant__in=tenants)), targets=targets, start=minute,
         end=minute + timedelta(minutes=1), now=now, by_hour=False)

@@ -230,3 +230,16 @@ class ZeroCostNvml(FakeNvml):
 
     def __init__(self):
         super().__init__([FakeGpu(i) for i in range(8)])
+
+
+def batch_of(gpus, events):
+    """A batch around a collector's GpuIn and HealthEventIn dicts, to validate against the contract."""
+    return {"schema_version": 1, "seq": 1, "interval_start": 1000.0, "interval_end": 1010.0,
+            "host": {"hostname": "n1"}, "gpus": gpus, "events": events}
+
+
+def run_interval(c, samples=3, t0=1000.0):
+    """`samples` one-second samples from t0, then the interval's summary."""
+    for i in range(samples):
+        c.sample(t0 + i + 1)
+    return c.finish_interval(t0 + samples)

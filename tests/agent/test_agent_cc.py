@@ -8,22 +8,11 @@ from types import SimpleNamespace
 import pynvml
 import pytest
 from agentkit import validate
-from fakenvml import FakeGpu, FakeNvml, err
+from fakenvml import FakeGpu, FakeNvml, batch_of, err, run_interval
 
 from agents.config import SimulateConfig
 from agents.nvml import NvmlCollector
 from agents.simulate import SimNvml, simulated_cc_on
-
-
-def batch_of(gpus, events):
-    return {"schema_version": 1, "seq": 1, "interval_start": 1000.0, "interval_end": 1010.0,
-            "host": {"hostname": "n1"}, "gpus": gpus, "events": events}
-
-
-def run_interval(c, samples=3, t0=1000.0):
-    for i in range(samples):
-        c.sample(t0 + i + 1)
-    return c.finish_interval(t0 + samples)
 
 
 class CcNvml(FakeNvml):

@@ -6,20 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 from agentkit import validate
-from fakenvml import MIB, FakeGpu, FakeNvml
+from fakenvml import MIB, FakeGpu, FakeNvml, batch_of, run_interval
 
 from agents.nvml import NvmlCollector, decode_throttle, mig_profile_name
-
-
-def batch_of(gpus, events):
-    return {"schema_version": 1, "seq": 1, "interval_start": 1000.0, "interval_end": 1010.0,
-            "host": {"hostname": "n1"}, "gpus": gpus, "events": events}
-
-
-def run_interval(c, samples=3, t0=1000.0):
-    for i in range(samples):
-        c.sample(t0 + i + 1)
-    return c.finish_interval(t0 + samples)
 
 
 def test_summary_values_and_versions():
